@@ -1,0 +1,95 @@
+"""Pretraining configuration: one frozen dataclass, named presets, and per-dataset statistics.
+
+Every field is a CLI flag of `amdim pretrain` (`n_rkhs` -> `--n-rkhs`); a preset only changes
+defaults, and any flag overrides it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .encoder import EncoderConfig
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    # data
+    data: str = "digits"  # digits (embedded), cifar10, cifar100, stl10, or a folder path
+    data_root: str = "data"  # where torchvision datasets are (or are downloaded to)
+    download: bool = False  # let torchvision download cifar10/cifar100/stl10 into data_root
+    workers: int = 2  # data-loader worker processes (0: load in the main process)
+    # encoder (the paper's names)
+    image_size: int = 32  # 32, 64 or 128 px
+    ndf: int = 128
+    n_rkhs: int = 1024
+    n_depth: int = 3
+    use_bn: bool = False
+    tclip: float = 20.0  # NCE scores are soft-clipped to (-tclip, tclip)
+    # optimisation (the authors' Adam settings)
+    batch_size: int = 200
+    epochs: int = 300
+    lr: float = 2e-4
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-5
+    warmup_steps: int = 500  # linear learning-rate warmup, in optimiser steps
+    lr_milestones: tuple[int, ...] = (250, 280)  # epochs at which the lr is multiplied by lr_gamma
+    lr_gamma: float = 0.2
+    steps_per_epoch: int = 0  # 0: the whole training set each epoch; N: stop each epoch after N steps
+    # runtime
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler)
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
+    seed: int = 0
+    run_dir: str = "runs/amdim"  # checkpoint, config.json, metrics.jsonl, TensorBoard events
+
+    def __post_init__(self) -> None:
+        self.encoder  # validates the architecture fields
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 (got {self.batch_size}): NCE uses "
+                             "the other images of the batch as negatives")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.epochs < 1 or self.warmup_steps < 0 or self.steps_per_epoch < 0:
+            raise ValueError("epochs must be >= 1, warmup_steps and steps_per_epoch >= 0")
+
+    @property
+    def encoder(self) -> EncoderConfig:
+        return EncoderConfig(image_size=self.image_size, ndf=self.ndf, n_rkhs=self.n_rkhs,
+                             n_depth=self.n_depth, use_bn=self.use_bn)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PretrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration fields {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        if "lr_milestones" in values:
+            values["lr_milestones"] = tuple(values["lr_milestones"])
+        return cls(**values)
+
+
+CIFAR = dict(image_size=32, epochs=300, lr_milestones=(250, 280))
+IMAGENET = dict(image_size=128, epochs=50, lr_milestones=(30, 45))
+PRESETS: dict[str, dict] = {
+    # the embedded default: a small model on scikit-learn's digits, minutes on a CPU
+    "digits": dict(data="digits", image_size=32, ndf=32, n_rkhs=256, n_depth=1, batch_size=64,
+                   epochs=6, warmup_steps=50, lr=1e-3, lr_milestones=(5,), workers=0),
+    "cifar-small": dict(CIFAR, data="cifar10", ndf=128, n_rkhs=1024, n_depth=3, batch_size=200),
+    "cifar-paper": dict(CIFAR, data="cifar10", ndf=256, n_rkhs=2048, n_depth=10, batch_size=480),
+    "stl10": dict(CIFAR, data="stl10", image_size=64, ndf=192, n_rkhs=1536, n_depth=8,
+                  batch_size=200),
+    "imagenet-small": dict(IMAGENET, ndf=192, n_rkhs=1536, n_depth=8, batch_size=480, workers=8),
+    "imagenet-large": dict(IMAGENET, ndf=320, n_rkhs=2560, n_depth=10, batch_size=480, workers=8),
+}
+
+
+def preset(name: str, **overrides) -> PretrainConfig:
+    """The named preset with any field overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PretrainConfig.from_dict({**PRESETS[name], **overrides})
