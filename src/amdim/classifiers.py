@@ -57,4 +57,7 @@ def clipped_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     """
     logits = logits.float()
     clipped = LOGIT_CLIP * torch.tanh(logits / LOGIT_CLIP)
-    return F.cross_entropy(clipped, labels, ignore_index=-1) + LOGIT_PENALTY * logits.square().mean()
+    # mean over labelled rows; 0 (not NaN) for a batch with no labels at all
+    n_labelled = (labels >= 0).sum().clamp(min=1)
+    xent = F.cross_entropy(clipped, labels, ignore_index=-1, reduction="sum") / n_labelled
+    return xent + LOGIT_PENALTY * logits.square().mean()

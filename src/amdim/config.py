@@ -6,42 +6,52 @@ defaults, and any flag overrides it.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .encoder import EncoderConfig
+
+
+def _field(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     # data
-    data: str = "digits"  # digits (embedded), cifar10, cifar100, stl10, or a folder path
-    data_root: str = "data"  # where torchvision datasets are (or are downloaded to)
-    download: bool = False  # let torchvision download cifar10/cifar100/stl10 into data_root
-    workers: int = 2  # data-loader worker processes (0: load in the main process)
+    data: str = _field("digits", "digits (embedded), cifar10, cifar100, stl10, or a folder path")
+    data_root: str = _field("data", "where torchvision datasets are (or are downloaded to)")
+    download: bool = _field(False, "let torchvision download cifar10/cifar100/stl10 into data_root")
+    workers: int = _field(2, "data-loader worker processes (0: load in the main process)")
     # encoder (the paper's names)
-    image_size: int = 32  # 32, 64 or 128 px
-    ndf: int = 128
-    n_rkhs: int = 1024
-    n_depth: int = 3
-    use_bn: bool = False
-    tclip: float = 20.0  # NCE scores are soft-clipped to (-tclip, tclip)
+    image_size: int = _field(32, "32, 64 or 128 px")
+    ndf: int = _field(128, "trunk width of the first stage; later stages use 2x, 4x (8x)")
+    n_rkhs: int = _field(1024, "width of the r1/r5/r7 embeddings (>= 4*ndf at 32 px, 8*ndf at 64/128)")
+    n_depth: int = _field(3, "residual layers per ConvResBlock")
+    use_bn: bool = _field(False, "batch norm inside the trunk (heads always normalise)")
+    tclip: float = _field(20.0, "NCE scores are soft-clipped to (-tclip, tclip)")
+    n_mixtures: int = _field(1, "mixture components per global feature (paper 3.7); 1: plain AMDIM")
+    mixture_entropy: float = _field(1.0, "alpha: weight of the entropy bonus of the mixture posterior")
     # optimisation (the authors' Adam settings)
-    batch_size: int = 200
-    epochs: int = 300
-    lr: float = 2e-4
-    adam_beta1: float = 0.8
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    weight_decay: float = 1e-5
-    warmup_steps: int = 500  # linear learning-rate warmup, in optimiser steps
-    lr_milestones: tuple[int, ...] = (250, 280)  # epochs at which the lr is multiplied by lr_gamma
-    lr_gamma: float = 0.2
-    steps_per_epoch: int = 0  # 0: the whole training set each epoch; N: stop each epoch after N steps
+    batch_size: int = _field(200, "images per step (each gives two views); the negatives per image are the other B-1")
+    epochs: int = _field(300, "passes over the training set")
+    lr: float = _field(2e-4, "Adam learning rate after warmup")
+    adam_beta1: float = _field(0.8, "Adam beta1 (the authors use 0.8)")
+    adam_beta2: float = _field(0.999, "Adam beta2")
+    adam_eps: float = _field(1e-8, "Adam epsilon")
+    weight_decay: float = _field(1e-5, "Adam L2 weight decay")
+    warmup_steps: int = _field(500, "linear learning-rate warmup, in optimiser steps")
+    lr_milestones: tuple[int, ...] = _field((250, 280), "epochs at which the lr is multiplied by lr_gamma")
+    lr_gamma: float = _field(0.2, "lr factor at each milestone")
+    steps_per_epoch: int = _field(0, "0: the whole training set each epoch; N: stop each epoch after N steps")
     # runtime
-    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler)
-    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
-    seed: int = 0
-    run_dir: str = "runs/amdim"  # checkpoint, config.json, metrics.jsonl, TensorBoard events
+    precision: str = _field("fp32", "autocast precision (fp16 adds a gradient scaler)",
+                            choices=("fp32", "bf16", "fp16"))
+    device: str = _field("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    seed: int = _field(0, "seeds weights, shuffling, augmentation and NCE source locations")
+    run_dir: str = _field("runs/amdim", "checkpoint, config.json, metrics.jsonl, TensorBoard events; an existing run there is resumed")
+    final_probe: bool = _field(False, "at the end, fit a linear probe on frozen features of the trained encoder and of the same architecture at random init, and print both")
+    skip_nonfinite: bool = _field(False, "skip a batch whose loss is NaN/inf instead of stopping the run")
+    log_every: int = _field(10, "steps between TensorBoard points")
 
     def __post_init__(self) -> None:
         self.encoder  # validates the architecture fields
@@ -52,6 +62,8 @@ class PretrainConfig:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.epochs < 1 or self.warmup_steps < 0 or self.steps_per_epoch < 0:
             raise ValueError("epochs must be >= 1, warmup_steps and steps_per_epoch >= 0")
+        if self.n_mixtures < 1 or self.mixture_entropy <= 0:
+            raise ValueError("n_mixtures must be >= 1 and mixture_entropy > 0")
 
     @property
     def encoder(self) -> EncoderConfig:
@@ -78,7 +90,7 @@ IMAGENET = dict(image_size=128, epochs=50, lr_milestones=(30, 45))
 PRESETS: dict[str, dict] = {
     # the embedded default: a small model on scikit-learn's digits, minutes on a CPU
     "digits": dict(data="digits", image_size=32, ndf=32, n_rkhs=256, n_depth=1, batch_size=64,
-                   epochs=6, warmup_steps=50, lr=1e-3, lr_milestones=(5,), workers=0),
+                   epochs=6, warmup_steps=50, lr=1e-3, lr_milestones=(5,), workers=0, final_probe=True),
     "cifar-small": dict(CIFAR, data="cifar10", ndf=128, n_rkhs=1024, n_depth=3, batch_size=200),
     "cifar-paper": dict(CIFAR, data="cifar10", ndf=256, n_rkhs=2048, n_depth=10, batch_size=480),
     "stl10": dict(CIFAR, data="stl10", image_size=64, ndf=192, n_rkhs=1536, n_depth=8,

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+
+from amdim import checkpoint
+from amdim.cli import main
+from amdim.config import preset
+from amdim.train import EpochSampler, TrainingError, lr_factor, pretrain
+
+TINY = dict(ndf=8, n_rkhs=64, n_depth=1, batch_size=16, steps_per_epoch=3, warmup_steps=4,
+            workers=0, final_probe=False, device="cpu")
+
+
+def tiny(run_dir, **overrides):
+    return preset("digits", run_dir=str(run_dir), **{**TINY, **overrides})
+
+
+def test_run_folder_has_everything(tmp_path):
+    metrics = pretrain(tiny(tmp_path, epochs=2))
+    assert metrics["epoch"] == 2 and metrics["step"] == 6
+    assert 0 <= metrics["test_linear_acc"] <= 1 and 0 <= metrics["test_mlp_acc"] <= 1
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    for key in ("loss_1t5", "loss_1t7", "loss_5t5", "score_reg", "loss", "images_per_s"):
+        assert key in lines[-1]
+    assert json.loads((tmp_path / "config.json").read_text())["ndf"] == 8
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 2 and state["step"] == 6 and state["n_classes"] == 10
+    encoder = checkpoint.load_encoder(tmp_path / "checkpoint.pt")
+    assert encoder.global_features(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    pretrain(tiny(tmp_path / "straight", epochs=3))
+    pretrain(tiny(tmp_path / "resumed", epochs=1))
+    pretrain(tiny(tmp_path / "resumed", epochs=3))  # same command, more epochs: resumes
+    a = checkpoint.load(tmp_path / "straight" / "checkpoint.pt")
+    b = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
+    for part in ("encoder", "probes"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), (part, key)
+    assert a["step"] == b["step"] == 9
+    torch.testing.assert_close(a["optimizer"]["state"], b["optimizer"]["state"], rtol=0, atol=0)
+    lines = [(tmp_path / r / "metrics.jsonl").read_text().splitlines() for r in ("straight", "resumed")]
+    drop = lambda line: {k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+    assert [drop(x) for x in lines[0]] == [drop(x) for x in lines[1]]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    pretrain(tiny(tmp_path, epochs=1))
+    with pytest.raises(TrainingError, match="ndf: saved 8, requested 16"):
+        pretrain(tiny(tmp_path, epochs=2, ndf=16, n_rkhs=64))
+
+
+def test_finished_run_is_not_trained_again(tmp_path):
+    pretrain(tiny(tmp_path, epochs=1))
+    before = checkpoint.load(tmp_path / "checkpoint.pt")["encoder"]
+    pretrain(tiny(tmp_path, epochs=1))
+    after = checkpoint.load(tmp_path / "checkpoint.pt")["encoder"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_schedule_is_warmup_then_steps():
+    cfg = preset("cifar-small", warmup_steps=500)
+    assert lr_factor(0, 250, cfg) == pytest.approx(1 / 500)
+    assert lr_factor(499, 250, cfg) == 1.0
+    assert lr_factor(250 * 250 - 1, 250, cfg) == 1.0
+    assert lr_factor(250 * 250, 250, cfg) == pytest.approx(0.2)
+    assert lr_factor(250 * 280, 250, cfg) == pytest.approx(0.04)
+
+
+def test_sampler_resumes_and_shards():
+    full = list(EpochSampler(10, seed=1, epoch=2))
+    assert sorted(full) == list(range(10)) and full != list(range(10))
+    assert list(EpochSampler(10, seed=1, epoch=2, start=4)) == full[4:]
+    assert full != list(EpochSampler(10, seed=1, epoch=3))
+    shards = [list(EpochSampler(10, 1, 2, rank=r, world_size=2)) for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == list(range(10))
+
+
+def test_cli_flags_map_onto_config(tmp_path, capsys):
+    main(["pretrain", "--ndf", "8", "--n-rkhs", "64", "--n-depth", "1", "--batch-size", "16",
+          "--steps-per-epoch", "2", "--epochs", "1", "--workers", "0", "--no-final-probe",
+          "--lr-milestones", "5", "7", "--run-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["lr_milestones"] == [5, 7] and saved["final_probe"] is False
+    assert saved["lr"] == preset("digits").lr  # untouched flags keep the preset's value
+    assert '"epoch": 1' in capsys.readouterr().out
+
+
+def test_cli_rejects_impossible_config(tmp_path):
+    with pytest.raises(SystemExit, match="n_rkhs=32 is smaller than the last trunk width 128"):
+        main(["pretrain", "--ndf", "32", "--n-rkhs", "32", "--run-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="batch_size must be at least 2"):
+        main(["pretrain", "--batch-size", "1", "--run-dir", str(tmp_path)])
+
+
+def test_demo_learns_clearly_better_than_random_init(tmp_path, capsys):
+    """The README's main command, shortened to 2 epochs: pretraining must beat random init."""
+    metrics = pretrain(preset("digits", run_dir=str(tmp_path), epochs=2, lr_milestones=(),
+                              device="cpu"))
+    assert metrics["final_linear_probe_acc"] >= metrics["random_init_linear_probe_acc"] + 0.05
+    assert "same architecture at random init" in capsys.readouterr().out
