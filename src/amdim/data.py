@@ -128,3 +128,47 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset | None, int]:
     if test is not None and test.classes != train.classes:
         raise DataError(f"{test_dir} and {train_dir} must hold the same class folders")
     return train, test, len(train.classes)
+
+
+def labelled_split(data: str, split: str, transform: Callable, data_root: str = "data",
+                   download: bool = False) -> Dataset:
+    """The labelled `split` ("train" or "test") of a dataset for evaluation; items (image, label).
+
+    data: digits, cifar10, cifar100, stl10 (its 5,000 labelled training images, not the
+    unlabelled split), or a folder holding train/<class>/ and val/<class>/ (or test/<class>/).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    name = data.lower()
+    if name == "digits":
+        return ArrayImages(*digits(split), transform=transform)
+    if name == "stl10" and split == "train":
+        try:
+            return datasets.STL10(data_root, split="train", download=download, transform=transform)
+        except RuntimeError as error:
+            raise DataError(f"stl10 not found under {Path(data_root).resolve()} ({error}); point "
+                            "--data-root at the folder that holds it") from None
+    if name in ("cifar10", "cifar100", "stl10"):
+        return _torchvision(name, data_root, split == "train", download, transform)
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(f"--data {data!r} is neither a known dataset (digits, cifar10, cifar100, "
+                        "stl10) nor an existing folder")
+    names = ("train",) if split == "train" else ("val", "test")
+    folder = _folder_split(root, names)
+    if folder is None:
+        raise DataError(f"{root} has no {' or '.join(n + '/' for n in names)} subfolder; labelled "
+                        f"evaluation needs {root}/train/<class>/ and {root}/val/<class>/ (or test/)")
+    return _labelled_folder(folder, transform)
+
+
+def class_names(dataset: Dataset) -> list[str]:
+    """The class names of a labelled dataset (the label as a string where it has none)."""
+    classes = getattr(dataset, "classes", None)
+    if classes is not None:
+        return [str(c) for c in classes]
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise DataError(f"{type(dataset).__name__} has neither `classes` nor `labels`; cannot "
+                        "tell how many classes it holds")
+    return [str(c) for c in range(int(np.max(labels)) + 1)]
