@@ -6,7 +6,7 @@ import torch
 from amdim import checkpoint
 from amdim.cli import main
 from amdim.config import preset
-from amdim.train import EpochSampler, TrainingError, lr_factor, pretrain
+from amdim.train import EpochBatches, TrainingError, lr_factor, pretrain
 
 TINY = dict(ndf=8, n_rkhs=64, n_depth=1, batch_size=16, steps_per_epoch=3, warmup_steps=4,
             workers=0, final_probe=False, device="cpu")
@@ -71,13 +71,14 @@ def test_schedule_is_warmup_then_steps():
     assert lr_factor(250 * 280, 250, cfg) == pytest.approx(0.04)
 
 
-def test_sampler_resumes_and_shards():
-    full = list(EpochSampler(10, seed=1, epoch=2))
-    assert sorted(full) == list(range(10)) and full != list(range(10))
-    assert list(EpochSampler(10, seed=1, epoch=2, start=4)) == full[4:]
-    assert full != list(EpochSampler(10, seed=1, epoch=3))
-    shards = [list(EpochSampler(10, 1, 2, rank=r, world_size=2)) for r in (0, 1)]
-    assert sorted(shards[0] + shards[1]) == list(range(10))
+def test_batches_resume_and_shard():
+    full = list(EpochBatches(10, 3, seed=1, epoch=2))
+    assert len(full) == 3 and all(len(b) == 3 for b in full)  # the last, partial batch dropped
+    assert len(set(sum(full, []))) == 9 and sum(full, []) != list(range(9))
+    assert list(EpochBatches(10, 3, seed=1, epoch=2, start=1)) == full[1:]
+    assert full != list(EpochBatches(10, 3, seed=1, epoch=3))
+    halves = [list(EpochBatches(10, 4, 1, 2, rank=r, world_size=2)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == list(EpochBatches(10, 4, 1, 2))
 
 
 def test_cli_flags_map_onto_config(tmp_path, capsys):

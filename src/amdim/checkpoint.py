@@ -50,9 +50,11 @@ def load(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as error:
+        # torch's message advises weights_only=False; we never do that, so keep only its cause
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated, corrupt, or holding objects other "
-            f"than tensors and plain values, which are never unpickled): {error}") from None
+            f"than tensors and plain values, which are never unpickled): {reason}") from None
     if not isinstance(state, dict) or not ({"format", "model"} & set(state)):
         raise CheckpointError(f"{path} is neither an amdim checkpoint nor one of the authors'")
     return state
@@ -70,17 +72,23 @@ def load_model(path: str | os.PathLike) -> tuple[Encoder, Probes | None, dict]:
     """Encoder (eval mode), online probes (None without labels) and the checkpoint dict, from
     either format."""
     state = load(path)
-    if is_authors(state):
-        h = state["hyperparams"]
-        cfg = EncoderConfig(image_size=h["encoder_size"], ndf=h["ndf"], n_rkhs=h["n_rkhs"],
-                            n_depth=h["n_depth"], use_bn=bool(h["use_bn"]))
-        encoder_state = _strip(state["model"], "encoder.module.")
-        probe_state, n_classes = _strip(state["model"], "evaluator."), h["n_classes"]
-    elif state.get("format") == FORMAT:
-        cfg = PretrainConfig.from_dict(state["config"]).encoder
-        encoder_state, probe_state, n_classes = state["encoder"], state["probes"], state["n_classes"]
-    else:
-        raise CheckpointError(f"{path} has format {state.get('format')!r}; this amdim reads {FORMAT}")
+    try:
+        if is_authors(state):
+            h = state["hyperparams"]
+            cfg = EncoderConfig(image_size=h["encoder_size"], ndf=h["ndf"], n_rkhs=h["n_rkhs"],
+                                n_depth=h["n_depth"], use_bn=bool(h["use_bn"]))
+            encoder_state = _strip(state["model"], "encoder.module.")
+            probe_state, n_classes = _strip(state["model"], "evaluator."), h["n_classes"]
+        elif state.get("format") == FORMAT:
+            cfg = PretrainConfig.from_dict(state["config"]).encoder
+            encoder_state, probe_state = state["encoder"], state["probes"]
+            n_classes = state["n_classes"]
+        else:
+            raise CheckpointError(f"{path} has format {state.get('format')!r}; this amdim "
+                                  f"reads {FORMAT} and the authors' format")
+    except (KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path} has an incomplete or invalid configuration: "
+                              f"{type(error).__name__}: {error}") from None
     encoder = Encoder(cfg)
     probes = Probes(cfg.n_rkhs, n_classes) if n_classes else None
     try:

@@ -63,6 +63,9 @@ class MaybeBatchNorm2d(nn.Module):
         super().__init__()
         self.bn = nn.BatchNorm2d(n_ftr, affine=affine)
         self.use_bn = use_bn
+        # unused parameters stay (the authors' checkpoints hold them) but are not trained, so
+        # that optimisers and DistributedDataParallel see only parameters that get gradients
+        self.bn.requires_grad_(use_bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(x) if self.use_bn else x

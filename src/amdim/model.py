@@ -17,7 +17,8 @@ from .nce import multiscale_nce
 
 
 class AMDIM(nn.Module):
-    """forward(x1, x2: (B, 3, S, S), labels: (B,) with -1 for unlabelled) -> dict of scalars:
+    """forward(x1, x2: (B, 3, S, S), labels: (B,) with -1 for unlabelled[, source_locations])
+    -> dict of scalars:
     the NCE terms, `probe_loss`, `loss` (what to minimise), and `correct_linear`, `correct_mlp`,
     `n_labelled` (counts on this batch, both views)."""
 
@@ -31,23 +32,30 @@ class AMDIM(nn.Module):
             from .mixture import MixtureHead
 
             self.mixture_head = MixtureHead(cfg.n_rkhs, cfg.n_mixtures)
-        # set by distributed training: gathers Features from every rank (keeps gradients)
-        self.gather: Callable[[Features], Features] | None = None
+        # set by distributed training: (b, ...) per rank -> (N*b, ...), keeping gradients
+        self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def nce(self, f1: Features, f2: Features) -> dict[str, torch.Tensor]:
-        if self.gather is not None:
-            f1, f2 = self.gather(f1), self.gather(f2)
+    def nce(self, f1: Features, f2: Features,
+            source_locations: tuple[torch.Tensor, torch.Tensor] | None = None
+            ) -> dict[str, torch.Tensor]:
+        if source_locations is None:  # the random 5x5 source location per image and view
+            source_locations = tuple(torch.randint(0, 25, (f1.r5.shape[0],), device=f1.r5.device)
+                                     for _ in range(2))
+        if self.gather is not None:  # this rank's images -> the global batch, in rank order
+            f1, f2 = (Features(*map(self.gather, f)) for f in (f1, f2))
+            source_locations = tuple(self.gather(loc) for loc in source_locations)
         if self.mixture_head is None:
-            return multiscale_nce(f1, f2, self.tclip)
+            return multiscale_nce(f1, f2, self.tclip, source_locations)
         from .mixture import multiscale_mixture_nce
 
         return multiscale_mixture_nce(f1, f2, self.mixture_head, self.tclip,
-                                      self.mixture_entropy)
+                                      self.mixture_entropy, source_locations)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, labels: torch.Tensor
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, labels: torch.Tensor,
+                source_locations: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> dict[str, torch.Tensor]:
         f1, f2 = self.encoder(x1), self.encoder(x2)  # two passes: batch norm sees each view alone
-        out = self.nce(f1, f2)
+        out = self.nce(f1, f2, source_locations)
         out["loss"] = sum(out.values())
         if self.probes is None:
             return out

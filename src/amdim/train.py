@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import PRESETS, PretrainConfig, preset
 from .data import build_datasets
 from .model import AMDIM
@@ -46,22 +46,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-class EpochSampler(Sampler[int]):
-    """This rank's share of the epoch's shuffled order, from position `start` (in this rank's
-    share). The order depends only on (seed, epoch), so a resumed run sees the same images."""
+class EpochBatches(Sampler[list[int]]):
+    """This rank's part of each global batch of the epoch's shuffled order, from global batch
+    `start`. The order depends only on (seed, epoch), so a resumed run sees the same batches,
+    and N ranks together see exactly the batches one process would (rank r takes the r-th
+    slice of each)."""
 
-    def __init__(self, n: int, seed: int, epoch: int, start: int = 0, rank: int = 0,
-                 world_size: int = 1):
-        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
+        self.rank, self.local = rank, batch_size // world_size
 
     def __iter__(self):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
-            self.seed * 1_000_003 + self.epoch))
-        return iter(order[self.rank::self.world_size][self.start:].tolist())
+            self.seed * 1_000_003 + self.epoch)).tolist()
+        for batch in range(self.start, self.n // self.batch_size):  # full batches only
+            first = batch * self.batch_size + self.rank * self.local
+            yield order[first:first + self.local]
 
     def __len__(self) -> int:
-        return max(0, len(range(self.rank, self.n, self.world_size)) - self.start)
+        return max(0, self.n // self.batch_size - self.start)
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: PretrainConfig) -> float:
@@ -136,15 +140,25 @@ def _autocast(cfg: PretrainConfig, device: torch.device):
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
-    """Run (or resume) pretraining as configured; returns the last epoch's metrics."""
-    # -- run folder and config
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / CHECKPOINT
-    # -- device and seed
+    """Run (or resume) pretraining as configured; returns the last epoch's metrics.
+    Under torchrun, every rank runs this; rank 0 alone logs and writes files."""
+    # -- processes, device and seed
+    rank, world_size, local_rank = distributed.setup()
+    main_rank = rank == 0
+    if cfg.batch_size % world_size:
+        raise TrainingError(f"batch_size {cfg.batch_size} (the global batch) must be divisible "
+                            f"by the {world_size} processes")
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     autocast = _autocast(cfg, device)
+    # -- run folder
+    run_dir = Path(cfg.run_dir)
+    path = run_dir / CHECKPOINT
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
     # -- data
     train_set, test_set, n_classes = build_datasets(cfg)
     steps_per_epoch = len(train_set) // cfg.batch_size
@@ -155,10 +169,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
     # -- model and optimiser
     model = AMDIM(cfg, n_classes).to(device)
+    step_model = model  # what the training step calls: DDP's wrapper when distributed
+    if world_size > 1:
+        model = distributed.synchronise_batchnorm(model, device)
+        model.gather = distributed.gather
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                                  fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    torch.manual_seed(cfg.seed + rank)  # augmentations differ between ranks
     # -- resume
     epoch, step_in_epoch, step = 0, 0, 0
     if path.exists():
@@ -171,47 +192,64 @@ def pretrain(cfg: PretrainConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         epoch, step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["step"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        log.info("resuming %s at epoch %d, step %d", path, epoch, step)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        rng = state["rng"]
+        if len(rng) == world_size:  # each rank continues its own random stream
+            torch.set_rng_state(rng[rank]["torch"])
+            if device.type == "cuda" and rng[rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(rng[rank]["cuda"])
+        else:
+            log.warning("resuming with %d processes where %d saved: random streams restart",
+                        world_size, len(rng))
+        if main_rank:
+            log.info("resuming %s at epoch %d, step %d", path, epoch, step)
+    if main_rank:
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     def save() -> None:
-        state = {"format": checkpoint.FORMAT, "config": cfg.to_dict(), "n_classes": n_classes,
-                 "encoder": model.encoder.state_dict(),
-                 "probes": model.probes.state_dict() if model.probes else None,
-                 "mixture_head": model.mixture_head.state_dict() if model.mixture_head else None,
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step,
-                 "rng": {"torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
-        checkpoint.save_atomic(state, path)
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        rngs = [rng]
+        if world_size > 1:
+            rngs = [None] * world_size
+            torch.distributed.all_gather_object(rngs, rng)
+        if main_rank:
+            checkpoint.save_atomic({
+                "format": checkpoint.FORMAT, "config": cfg.to_dict(), "n_classes": n_classes,
+                "encoder": model.encoder.state_dict(),
+                "probes": model.probes.state_dict() if model.probes else None,
+                "mixture_head": model.mixture_head.state_dict() if model.mixture_head else None,
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "rng": rngs}, path)
+        if world_size > 1:
+            torch.distributed.barrier()
 
     test_loader = None
-    if test_set is not None and n_classes:
+    if test_set is not None and n_classes and main_rank:
         # the whole test set, in order, nothing dropped
         test_loader = DataLoader(test_set, batch_size=cfg.batch_size, shuffle=False,
                                  num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    from torch.utils.tensorboard import SummaryWriter
+    writer = None
+    if main_rank:
+        from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run_dir))
+        writer = SummaryWriter(str(run_dir))
     metrics: dict = {}
+    names = NCE_TERMS + ("loss", "probe_loss", "correct_linear", "correct_mlp", "n_labelled")
     # -- the loop
     with StopOnSignal() as stop:
         while epoch < cfg.epochs:
             model.train()
-            sampler = EpochSampler(len(train_set), cfg.seed, epoch,
-                                   start=step_in_epoch * cfg.batch_size)
-            loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
-                                drop_last=True, num_workers=cfg.workers,
+            batches = EpochBatches(len(train_set), cfg.batch_size, cfg.seed, epoch,
+                                   start=step_in_epoch, rank=rank, world_size=world_size)
+            loader = DataLoader(train_set, batch_sampler=batches, num_workers=cfg.workers,
                                 pin_memory=device.type == "cuda",
                                 generator=torch.Generator().manual_seed(
-                                    cfg.seed + 7919 * epoch + step_in_epoch))
-            totals = torch.zeros(len(NCE_TERMS) + 5, dtype=torch.float64)
+                                    cfg.seed + 7919 * epoch + 104729 * rank + step_in_epoch))
+            totals = torch.zeros(len(names), dtype=torch.float64)
             start, images_seen = time.perf_counter(), 0
-            bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="step", mininterval=1.0, dynamic_ncols=True)
+            bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, disable=not main_rank,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", mininterval=1.0,
+                       dynamic_ncols=True)
             for (x1, x2), labels in loader:
                 if step_in_epoch >= steps_per_epoch:
                     break
@@ -220,50 +258,52 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 with autocast():
-                    out = model(x1, x2, labels)
-                values = torch.stack([out[k].detach().double() for k in NCE_TERMS] + [
-                    out["loss"].detach().double()] + [
-                    out.get(k, torch.zeros((), device=device)).detach().double()
-                    for k in ("probe_loss", "correct_linear", "correct_mlp", "n_labelled")]).cpu()
+                    out = step_model(x1, x2, labels)
+                zero = torch.zeros((), device=device)
+                values = torch.stack([out.get(k, zero).detach().double() for k in names]
+                                     + [torch.tensor(float(bool(stop.requested)), device=device,
+                                                     dtype=torch.float64)])
+                if world_size > 1:  # every rank takes the same decisions below
+                    torch.distributed.all_reduce(values)
+                    values[:len(NCE_TERMS) + 2] /= world_size
+                values, stop_now = values[:-1].cpu(), values[-1].item() > 0
                 if not torch.isfinite(values).all():
-                    message = (f"non-finite loss at step {step} (epoch {epoch + 1}): "
-                               + ", ".join(f"{k}={v:.4g}" for k, v in zip(NCE_TERMS + ("loss",), values.tolist())))
+                    message = (f"non-finite loss at step {step} (epoch {epoch + 1}): " + ", ".join(
+                        f"{k}={v:.4g}" for k, v in zip(names[:len(NCE_TERMS) + 1], values.tolist())))
                     if not cfg.skip_nonfinite:
                         raise TrainingError(message + f"; the last good checkpoint is {path}. "
                                             "Lower --lr, use --precision fp32, or pass "
                                             "--skip-nonfinite to skip such batches")
                     log.warning(message + "; batch skipped")
-                    step_in_epoch += 1
-                    step += 1
-                    bar.update()
-                    continue
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out["loss"]).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                totals += values
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(out["loss"]).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    totals += values
+                    images_seen += len(labels) * world_size
                 step_in_epoch += 1
                 step += 1
-                images_seen += len(labels)
-                images_per_s = images_seen / (time.perf_counter() - start)
                 bar.update()
-                bar.set_postfix(loss=f"{values[4]:.3f}", img_s=f"{images_per_s:.0f}",
-                                lin_acc=f"{values[6] / max(values[8], 1):.3f}", refresh=False)
-                if step % cfg.log_every == 0:
-                    for name, value in zip(NCE_TERMS + ("loss",), values.tolist()):
+                bar.set_postfix(loss=f"{values[4]:.3f}", refresh=False,
+                                img_s=f"{images_seen / (time.perf_counter() - start):.0f}",
+                                lin_acc=f"{values[6] / max(values[8], 1):.3f}")
+                if writer is not None and step % cfg.log_every == 0:
+                    for name, value in zip(names[:len(NCE_TERMS) + 1], values.tolist()):
                         writer.add_scalar(f"train/{name}", value, step)
                     writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-                if stop.requested:
+                if stop_now:
                     bar.close()
                     save()
-                    log.info("stopped by %s at step %d; checkpoint %s (run the same command "
-                             "to resume)", stop.requested, step, path)
-                    writer.close()
-                    return {**metrics, "stopped": stop.requested, "step": step}
+                    if main_rank:
+                        log.info("stopped at step %d; checkpoint %s (run the same command to "
+                                 "resume)", step, path)
+                        writer.close()
+                    return {**metrics, "stopped": stop.requested or "signal", "step": step}
             bar.close()
             n = max(step_in_epoch, 1)
             metrics = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                       **{k: totals[i].item() / n for i, k in enumerate(NCE_TERMS + ("loss", "probe_loss"))},
+                       **{k: totals[i].item() / n for i, k in enumerate(names[:len(NCE_TERMS) + 2])},
                        "images_per_s": images_seen / (time.perf_counter() - start)}
             if n_classes:
                 labelled = max(totals[8].item(), 1)
@@ -271,16 +311,18 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 metrics["train_mlp_acc"] = totals[7].item() / labelled
             if test_loader is not None:
                 metrics.update(probe_accuracy(model, test_loader, device, autocast))
-            for name, value in metrics.items():
-                writer.add_scalar(f"epoch/{name}", value, epoch + 1)
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in metrics.items()))
+            if main_rank:
+                for name, value in metrics.items():
+                    writer.add_scalar(f"epoch/{name}", value, epoch + 1)
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in metrics.items()))
             epoch, step_in_epoch = epoch + 1, 0
             save()
-    writer.close()
-    if cfg.final_probe and test_set is not None and n_classes:
+    if writer is not None:
+        writer.close()
+    if cfg.final_probe and test_set is not None and n_classes and main_rank:
         metrics.update(compare_with_random_init(model.encoder, cfg, train_set, test_set, device))
     return metrics
 
