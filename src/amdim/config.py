@@ -22,6 +22,7 @@ class PretrainConfig:
     data_root: str = _field("data", "where torchvision datasets are (or are downloaded to)")
     download: bool = _field(False, "let torchvision download cifar10/cifar100/stl10 into data_root")
     workers: int = _field(2, "data-loader worker processes (0: load in the main process)")
+    strict_data: bool = _field(False, "stop at an unreadable image file instead of skipping it with a warning")
     # encoder (the paper's names)
     image_size: int = _field(32, "32, 64 or 128 px")
     ndf: int = _field(128, "trunk width of the first stage; later stages use 2x, 4x (8x)")

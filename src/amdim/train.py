@@ -29,7 +29,7 @@ log = logging.getLogger("amdim")
 CHECKPOINT = "checkpoint.pt"
 # settings a resumed run may change; every other field must equal the saved run's
 RESUMABLE = {"epochs", "workers", "device", "run_dir", "data_root", "download", "log_every",
-             "final_probe", "skip_nonfinite"}
+             "final_probe", "skip_nonfinite", "strict_data"}
 NCE_TERMS = ("loss_1t5", "loss_1t7", "loss_5t5", "score_reg")
 
 
