@@ -1,0 +1,231 @@
+"""`amdim benchmark`: how fast pretraining runs on this machine, as one JSON object.
+
+Measures, for a preset (any field overridable by the flags below):
+- the training step alone on synthetic inputs, as `amdim pretrain` takes it (model.AMDIM:
+  encoder forward on each view, multiscale NCE, online probes; backward; Adam step, fused on
+  CUDA);
+- with --data NPZ, the same step fed end to end by the device-resident data path
+  (tensor_data.TrainBatches: the dataset decoded once onto the device, views built there),
+  and the view building alone;
+- peak device memory, FLOP per image (FlopCounterMode on one forward + backward, divided by
+  the batch size) and MFU = achieved FLOP/s / peak FLOP/s.
+An "image" is one source image, i.e. two views. benchmarks/README.md explains every field.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .batch_views import BatchViews
+from .config import PRESETS, PretrainConfig, preset
+from .data import STATS
+from .model import AMDIM
+from .tensor_data import TrainBatches, load_npz
+
+H100_BF16_DENSE = 989e12  # FLOP/s: H100 SXM bf16 dense tensor-core peak (no sparsity)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+N_CLASSES = 10  # outputs of the online probes timed with the step (their cost is tiny)
+log = logging.getLogger(__name__)
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TrainingStep:
+    """One optimiser step of pretraining as `amdim pretrain` takes it: model.AMDIM (encoder on
+    each view, multiscale NCE, online probes on detached features) under autocast, backward,
+    Adam (fused on CUDA)."""
+
+    def __init__(self, cfg: PretrainConfig, n_classes: int, device: torch.device,
+                 compile: bool, channels_last: bool):
+        self.cfg, self.device, self.channels_last = cfg, device, channels_last
+        self.model = AMDIM(cfg, n_classes).to(device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimiser = torch.optim.Adam(
+            self.model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        self.step_model = torch.compile(self.model) if compile else self.model
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+    def forward_backward(self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor,
+                         model: Callable | None = None) -> torch.Tensor:
+        if self.channels_last:
+            view1 = view1.contiguous(memory_format=torch.channels_last)
+            view2 = view2.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, DTYPES.get(self.cfg.precision, torch.float32),
+                            enabled=self.cfg.precision in DTYPES):
+            loss = (model or self.step_model)(view1, view2, labels)["loss"]
+        self.optimiser.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        return loss
+
+    def __call__(self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor
+                 ) -> torch.Tensor:
+        loss = self.forward_backward(view1, view2, labels)
+        self.scaler.step(self.optimiser)
+        self.scaler.update()
+        return loss
+
+    def flop_per_step(self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor
+                      ) -> int:
+        """FLOP of one forward + backward (matmuls and convolutions), counted eagerly."""
+        with FlopCounterMode(display=False) as counter:
+            self.forward_backward(view1, view2, labels, self.model)
+        self.optimiser.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+
+def _timed(step: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of step(), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    _synchronise(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _synchronise(device)
+    return (time.perf_counter() - start) / steps
+
+
+def _endless(batches: TrainBatches):
+    while True:  # epoch after epoch
+        yield from batches
+
+
+def benchmark(cfg: PretrainConfig, device: torch.device, steps: int = 20, warmup: int = 5,
+              compile: bool = False, channels_last: bool = False, data: str | None = None,
+              peak_flops: float | None = None) -> dict:
+    """Measure pretraining speed for cfg on device; returns the JSON-ready results."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps}, {warmup}")
+    torch.manual_seed(cfg.seed)
+    batch, size = cfg.batch_size, cfg.image_size
+    step = TrainingStep(cfg, N_CLASSES, device, compile, channels_last)
+    inputs = [torch.randn(batch, 3, size, size, device=device) for _ in range(2)]
+    inputs.append(torch.randint(0, N_CLASSES, (batch,), device=device))
+    flop_per_image = step.flop_per_step(*inputs) / batch
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    log.info("timing %d training steps (after %d warm-up steps) on %s", steps, warmup, device)
+    step_s = _timed(lambda: step(*inputs), steps, warmup, device)
+    results = {
+        "preset": None, "device": _device_name(device), "torch": torch.__version__,
+        "batch_size": batch, "image_size": size, "precision": cfg.precision,
+        "compile": compile, "channels_last": channels_last, "steps": steps, "warmup": warmup,
+        "train_step_ms": 1e3 * step_s, "train_images_per_s": batch / step_s,
+        "flop_per_image": flop_per_image, "achieved_flop_per_s": flop_per_image * batch / step_s,
+        "peak_flop_per_s": peak_flops, "mfu": None,
+        "data": data, "n_images": None, "decode_s": None, "cache_bytes": None,
+        "augment_images_per_s": None, "end_to_end_step_ms": None,
+        "end_to_end_images_per_s": None, "mfu_end_to_end": None,
+        "peak_memory_bytes": None,
+    }
+    if peak_flops:
+        results["mfu"] = results["achieved_flop_per_s"] / peak_flops
+    if data is not None:
+        results.update(_end_to_end(cfg, step, device, data, steps, warmup))
+        if peak_flops:
+            results["mfu_end_to_end"] = (flop_per_image * results["end_to_end_images_per_s"]
+                                         / peak_flops)
+    if device.type == "cuda":
+        results["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    results["config"] = json.loads(json.dumps(cfg.to_dict()))  # tuples as JSON lists
+    return results
+
+
+def _end_to_end(cfg: PretrainConfig, step: TrainingStep, device: torch.device, data: str,
+                steps: int, warmup: int) -> dict:
+    start = time.perf_counter()
+    cache = load_npz(data, device)
+    _synchronise(device)
+    decode_s = time.perf_counter() - start
+    views = BatchViews(cfg.image_size, *STATS.get(cfg.data, STATS["imagenet"]))
+    batches = TrainBatches(cache, views, cfg.batch_size, seed=cfg.seed)
+    height, width = cache.images.shape[2:]
+    log.info("%s: %d images of %dx%d px decoded onto %s in %.1f s", data, len(cache), width,
+             height, device, decode_s)
+    if min(height, width) < cfg.image_size:
+        log.warning("%s holds %dx%d px images, smaller than the preset's %d px: views will be "
+                    "upscaled", data, width, height, cfg.image_size)
+    stream = _endless(batches)
+    augment_s = _timed(lambda: next(stream), steps, warmup, device)
+
+    def end_to_end_step():
+        (view1, view2), labels = next(stream)
+        step(view1, view2, labels.clamp(max=N_CLASSES - 1))  # the probes have N_CLASSES outputs
+
+    step_s = _timed(end_to_end_step, steps, warmup, device)
+    return {"n_images": len(cache), "decode_s": decode_s, "cache_bytes": cache.nbytes,
+            "augment_images_per_s": cfg.batch_size / augment_s,
+            "end_to_end_step_ms": 1e3 * step_s,
+            "end_to_end_images_per_s": cfg.batch_size / step_s}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, " \
+           f"{torch.get_num_threads()} threads)"
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    overrides = {"seed": args.seed, "device": str(device)}
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    if args.precision is not None:
+        overrides["precision"] = args.precision
+    cfg = preset(args.preset, **overrides)
+    compile = device.type == "cuda" if args.compile is None else args.compile
+    peak = args.peak_flops if args.peak_flops is not None else (
+        H100_BF16_DENSE if device.type == "cuda" else None)
+    results = benchmark(cfg, device, args.steps, args.warmup, compile, args.channels_last,
+                        args.data, peak)
+    results["preset"] = args.preset
+    text = json.dumps(results, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return results
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "benchmark", help="measure pretraining throughput, memory, FLOP and MFU",
+        description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="digits", choices=sorted(PRESETS),
+                        help="configuration to measure (default: digits)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (default: 20)")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed steps first, for compilation and autotuning (default: 5)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                        help="autocast precision (default: the preset's, fp32)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the encoder and the loss (default: on CUDA only)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels-last memory format for the encoder and its inputs")
+    parser.add_argument("--data", metavar="NPZ",
+                        help="also time end to end on this .npz dataset, held on the device")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
+    parser.add_argument("--peak-flops", type=float,
+                        help="peak FLOP/s for MFU (default: 989e12, H100 SXM bf16 dense, on "
+                             "CUDA; no MFU on CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", metavar="JSON", help="also write the results to this file")
+    parser.set_defaults(func=run)

@@ -1,0 +1,278 @@
+"""The whole dataset in device memory: decoded once into a uint8 tensor, then served as
+shuffled batches of views built on the device (batch_views.py), as airbench does.
+
+    cache = load_npz("cifar10_jpeg_train.npz", device)      # or cache_dataset(dataset, device)
+    batches = TrainBatches(cache, BatchViews(32, *STATS["cifar10"]), batch_size=200, seed=0)
+    for epoch in range(start_epoch, epochs):
+        batches.set_epoch(epoch)
+        for (view1, view2), labels in batches: ...
+
+Every random draw of an epoch is a function of (seed, epoch, batch index): the permutation
+comes from a generator seeded with (seed, epoch), the views of batch k from one seeded with
+(seed, epoch, k). Resuming is exact from the epoch number alone (set_epoch(epoch)); from the
+middle of an epoch, also pass the number of batches already taken (set_epoch(epoch, batch)).
+state_dict() holds exactly these: {"seed", "epoch", "batch"}.
+"""
+from __future__ import annotations
+
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .batch_views import BatchEvaluation, BatchViews
+from .data import DataError
+
+NPZ_KEYS = ("jpeg", "offsets", "labels")  # required; "classes" is optional
+DECODE_CHUNK = 512  # images per decoding task
+
+
+@dataclass(frozen=True)
+class ImageCache:
+    """A decoded dataset on one device: images uint8 (N, 3, H, W), labels int64 (N,)
+    (-1: unlabelled), class names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 (N, 3, H, W), got {self.images.dtype} "
+                             f"{tuple(self.images.shape)}")
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(f"need one label per image: {len(self.images)} images, labels of "
+                             f"shape {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel() + 8 * self.labels.numel()
+
+
+def cache_bytes(n_images: int, height: int, width: int) -> int:
+    """Device memory of an ImageCache: uint8 pixels and int64 labels."""
+    return n_images * (3 * height * width + 8)
+
+
+def fits_in_memory(n_images: int, image_size: int, device: torch.device | str, *,
+                   height: int | None = None, width: int | None = None, fraction: float = 0.5,
+                   force: bool = False) -> bool:
+    """Whether to keep the dataset on `device` (TrainBatches) rather than use a DataLoader.
+
+    True when the uint8 cache of n_images (height x width, image_size square by default: pass
+    the stored size when it differs, e.g. 96 for STL-10 at image_size 64) takes at most
+    `fraction` of the device's free memory now (torch.cuda.mem_get_info); the rest is left to
+    the model, activations and the views of each batch. Call it once the model and optimiser
+    are on the device. Always False off CUDA (on CPU the DataLoader's workers run the
+    augmentation in parallel), unless `force`.
+    """
+    if force:
+        return True
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return cache_bytes(n_images, height or image_size, width or image_size) <= fraction * free
+
+
+def _decode_into(out: np.ndarray, labels: np.ndarray, item: Callable[[int], tuple],
+                 where: str, workers: int | None) -> None:
+    """Fill out (N, 3, H, W) and labels (N,) from item(i) -> (RGB array (H, W, 3), label),
+    in chunks on a thread pool (Pillow releases the GIL while decoding)."""
+    shape = out.shape[2], out.shape[3], 3
+
+    def decode(start: int) -> None:
+        for i in range(start, min(start + DECODE_CHUNK, len(out))):
+            pixels, labels[i] = item(i)
+            if pixels.shape != shape:
+                raise DataError(
+                    f"{where}: image {i} is {pixels.shape[1]}x{pixels.shape[0]} px but image 0 "
+                    f"is {shape[1]}x{shape[0]}; the device cache needs one size for all images: "
+                    "resize them to one size first, or use the DataLoader path (amdim.data)")
+            out[i] = pixels.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(decode, range(0, len(out), DECODE_CHUNK)))
+
+
+def _to_device(images: np.ndarray, labels: np.ndarray, device, classes, where: str) -> ImageCache:
+    try:
+        return ImageCache(torch.from_numpy(images).to(device),
+                          torch.from_numpy(labels).to(device), tuple(classes))
+    except torch.OutOfMemoryError:
+        raise DataError(f"{where}: {images.nbytes / 2**30:.2f} GiB of images do not fit on "
+                        f"{device}; check fits_in_memory first, or use the DataLoader path "
+                        "(amdim.data)") from None
+
+
+def _rgb(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def load_npz(path: str | os.PathLike, device: torch.device | str = "cpu",
+             workers: int | None = None) -> ImageCache:
+    """Decode a compact .npz dataset (keys jpeg, offsets, labels, classes: one JPEG stream
+    per image laid end to end, see shared/data/README.md) into an ImageCache on `device`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; pass the path of a .npz dataset file")
+    try:
+        archive = np.load(path)
+    except (ValueError, OSError) as error:
+        raise DataError(f"{path} is not a readable .npz archive ({error})") from None
+    with archive:
+        missing = [k for k in NPZ_KEYS if k not in archive.files]
+        if missing:
+            raise DataError(f"{path} lacks the arrays {missing} (has {archive.files}); the "
+                            "format is jpeg (uint8 bytes), offsets (N+1), labels (N), classes (C)")
+        # each archive[key] access decompresses again: read every array once
+        jpeg, offsets = archive["jpeg"], archive["offsets"].astype(np.int64)
+        labels = archive["labels"].astype(np.int64)
+        classes = [str(c) for c in archive["classes"]] if "classes" in archive.files else []
+    n = len(labels)
+    if len(offsets) != n + 1 or n == 0:
+        raise DataError(f"{path}: offsets has {len(offsets)} entries for {n} labels; need N+1 "
+                        "offsets for N > 0 images")
+
+    def item(i: int) -> tuple[np.ndarray, int]:
+        with Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())) as image:
+            return _rgb(image), labels[i]
+
+    first = item(0)[0]
+    images = np.empty((n, 3) + first.shape[:2], dtype=np.uint8)
+    _decode_into(images, labels, item, str(path), workers)
+    return _to_device(images, labels, device, classes, str(path))
+
+
+def cache_dataset(dataset, device: torch.device | str = "cpu",
+                  workers: int | None = None) -> ImageCache:
+    """Decode a map-style dataset of (PIL image or uint8 (H, W, 3) array, label) once into an
+    ImageCache on `device`. A `transform` attribute (torchvision's datasets, amdim.data's) is
+    bypassed while decoding, so the datasets of data.build_datasets(cfg) can be passed as
+    they are. All images must share one size."""
+    n = len(dataset)
+    if n == 0:
+        raise DataError("the dataset is empty; nothing to cache")
+    where = type(dataset).__name__
+    has_transform = getattr(dataset, "transform", None) is not None
+    saved = getattr(dataset, "transform", None)
+
+    def item(i: int) -> tuple[np.ndarray, int]:
+        image, label = dataset[i]
+        if isinstance(image, Image.Image):
+            return _rgb(image), int(label)
+        if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
+            return image, int(label)
+        raise DataError(f"{where}[{i}] gave a {type(image).__name__}, not a PIL image or a "
+                        "uint8 (H, W, 3) array: build the dataset with transform=None")
+
+    try:
+        if has_transform:
+            dataset.transform = lambda image: image  # identity while decoding
+        first = item(0)[0]
+        images = np.empty((n, 3) + first.shape[:2], dtype=np.uint8)
+        labels = np.empty(n, dtype=np.int64)
+        _decode_into(images, labels, item, where, workers)
+    finally:
+        if has_transform:
+            dataset.transform = saved
+    return _to_device(images, labels, device, getattr(dataset, "classes", ()), where)
+
+
+def cache_arrays(images: np.ndarray, labels: np.ndarray, device: torch.device | str = "cpu",
+                 classes: tuple[str, ...] = ()) -> ImageCache:
+    """uint8 images (N, H, W, 3) and labels (N,) in memory (e.g. data.digits("train")) ->
+    ImageCache on `device`."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise DataError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    return _to_device(images, np.asarray(labels, dtype=np.int64), device, classes, "arrays")
+
+
+def _seed(*values: int) -> int:
+    """A 63-bit generator seed mixed from integers (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0]) >> 1
+
+
+class TrainBatches:
+    """Shuffled batches ((view1, view2), labels) of an ImageCache, views built on its device.
+
+    Each epoch is a fresh permutation; with drop_last the last partial batch is skipped (NCE
+    wants full batches). Randomness depends only on (seed, epoch, batch index): see the
+    module docstring for exact resume. Under distributed training every rank holds the whole
+    cache and takes the rank-th slice of each global batch of batch_size images (the
+    permutation is shared; each rank draws its own views).
+    """
+
+    def __init__(self, cache: ImageCache, views: BatchViews, batch_size: int, seed: int = 0,
+                 drop_last: bool = True, rank: int = 0, world_size: int = 1):
+        if batch_size < 1 or batch_size % world_size or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1 divisible by world_size and 0 <= rank < "
+                             f"world_size; got {batch_size}, {rank}, {world_size}")
+        if drop_last and len(cache) < batch_size:
+            raise DataError(f"the dataset has {len(cache)} images, fewer than one batch of "
+                            f"{batch_size}: lower the batch size or pass drop_last=False")
+        self.cache, self.views, self.batch_size = cache, views, batch_size
+        self.seed, self.drop_last, self.rank = seed, drop_last, rank
+        self.local = batch_size // world_size  # this rank's images per batch
+        self.epoch, self.batch = 0, 0
+        self.generator = torch.Generator(device=cache.images.device)
+
+    def __len__(self) -> int:
+        n = len(self.cache)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int, batch: int = 0) -> None:
+        """Serve epoch `epoch` next, starting after its first `batch` batches."""
+        if epoch < 0 or not 0 <= batch <= len(self):
+            raise ValueError(f"need epoch >= 0 and 0 <= batch <= {len(self)}, got {epoch}, {batch}")
+        self.epoch, self.batch = (epoch + 1, 0) if batch == len(self) else (epoch, batch)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self.set_epoch(int(state["epoch"]), int(state["batch"]))
+
+    def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        epoch, start, device = self.epoch, self.batch, self.cache.images.device
+        self.generator.manual_seed(_seed(self.seed, epoch))
+        order = torch.randperm(len(self.cache), generator=self.generator, device=device)
+        for k in range(start, len(self)):
+            first = k * self.batch_size + self.rank * self.local
+            index = order[first:first + self.local]
+            self.generator.manual_seed(_seed(self.seed, epoch, k + 1, self.rank))
+            views = self.views(self.cache.images[index], self.generator)
+            # the state a checkpoint written after this batch must hold: the next batch
+            last = k + 1 == len(self)
+            self.epoch, self.batch = (epoch + 1, 0) if last else (epoch, k + 1)
+            yield views, self.cache.labels[index]
+
+
+class EvalBatches:
+    """Batches (images, labels) of an ImageCache in order, through the deterministic
+    evaluation transform; the last batch may be smaller."""
+
+    def __init__(self, cache: ImageCache, transform: BatchEvaluation, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.cache, self.transform, self.batch_size = cache, transform, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.cache) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.cache), self.batch_size):
+            stop = start + self.batch_size
+            yield self.transform(self.cache.images[start:stop]), self.cache.labels[start:stop]
