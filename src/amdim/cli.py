@@ -11,7 +11,8 @@ import logging
 import sys
 
 # command modules, in the order `amdim --help` lists them
-COMMANDS = ("amdim.train", "amdim.evaluate", "amdim.extract", "amdim.plots", "amdim.segment")
+COMMANDS = ("amdim.train", "amdim.evaluate", "amdim.extract", "amdim.plots", "amdim.segment",
+            "amdim.benchmark")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ import logging
 import math
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .config import PRESETS, PretrainConfig, preset
-from .data import build_datasets
+from .data import DataError, build_datasets
 from .model import AMDIM
 
 log = logging.getLogger("amdim")
@@ -132,6 +132,17 @@ def _plain(value):
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
+@contextmanager
+def _explain_out_of_memory(cfg: PretrainConfig, path: Path):
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise TrainingError(
+            f"out of GPU memory with batch_size {cfg.batch_size}: lower --batch-size (e.g. "
+            f"--batch-size {max(2, cfg.batch_size // 2)}), use --precision bf16, or a smaller "
+            f"model; the last checkpoint {path} is kept and the run resumes from it") from None
+
+
 def _autocast(cfg: PretrainConfig, device: torch.device):
     if cfg.precision == "fp32":
         return nullcontext
@@ -213,13 +224,20 @@ def pretrain(cfg: PretrainConfig) -> dict:
             rngs = [None] * world_size
             torch.distributed.all_gather_object(rngs, rng)
         if main_rank:
-            checkpoint.save_atomic({
-                "format": checkpoint.FORMAT, "config": cfg.to_dict(), "n_classes": n_classes,
-                "encoder": model.encoder.state_dict(),
-                "probes": model.probes.state_dict() if model.probes else None,
-                "mixture_head": model.mixture_head.state_dict() if model.mixture_head else None,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "rng": rngs}, path)
+            try:
+                checkpoint.save_atomic({
+                    "format": checkpoint.FORMAT, "config": cfg.to_dict(), "n_classes": n_classes,
+                    "encoder": model.encoder.state_dict(),
+                    "probes": model.probes.state_dict() if model.probes else None,
+                    "mixture_head": model.mixture_head.state_dict() if model.mixture_head else None,
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "rng": rngs},
+                    path)
+            except OSError as error:  # e.g. a full disk: save_atomic left the old file intact
+                raise TrainingError(
+                    f"could not write the checkpoint {path} ({error.strerror or error}); the "
+                    "previous checkpoint there is kept. Free some space and run the same "
+                    "command to resume.") from None
         if world_size > 1:
             torch.distributed.barrier()
 
@@ -234,9 +252,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
         writer = SummaryWriter(str(run_dir))
     metrics: dict = {}
+    skipped_batches = 0
     names = NCE_TERMS + ("loss", "probe_loss", "correct_linear", "correct_mlp", "n_labelled")
     # -- the loop
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, _explain_out_of_memory(cfg, path):
         while epoch < cfg.epochs:
             model.train()
             batches = EpochBatches(len(train_set), cfg.batch_size, cfg.seed, epoch,
@@ -275,6 +294,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                             "Lower --lr, use --precision fp32, or pass "
                                             "--skip-nonfinite to skip such batches")
                     log.warning(message + "; batch skipped")
+                    skipped_batches += 1
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(out["loss"]).backward()
@@ -305,6 +325,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
             metrics = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                        **{k: totals[i].item() / n for i, k in enumerate(names[:len(NCE_TERMS) + 2])},
                        "images_per_s": images_seen / (time.perf_counter() - start)}
+            if skipped_batches:
+                metrics["skipped_batches"] = skipped_batches
             if n_classes:
                 labelled = max(totals[8].item(), 1)
                 metrics["train_linear_acc"] = totals[6].item() / labelled
@@ -413,6 +435,6 @@ def _run(args: argparse.Namespace) -> None:
     try:
         cfg = config_from_args(args)
         metrics = pretrain(cfg)
-    except (ValueError, TrainingError, checkpoint.CheckpointError) as error:
+    except (ValueError, TrainingError, DataError, checkpoint.CheckpointError) as error:
         raise SystemExit(f"amdim pretrain: {error}") from None
     print(json.dumps(metrics, indent=2))

@@ -1,0 +1,174 @@
+"""Interrupted, killed, diverging and starved runs lose nothing and explain themselves."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from amdim import checkpoint
+from amdim.cli import main
+from amdim.config import preset
+from amdim.train import TrainingError, pretrain
+
+TINY = dict(ndf=8, n_rkhs=64, n_depth=1, batch_size=16, steps_per_epoch=3, warmup_steps=4,
+            workers=0, final_probe=False, device="cpu")
+
+
+def tiny(run_dir, **overrides):
+    return preset("digits", run_dir=str(run_dir), **{**TINY, **overrides})
+
+
+def run_and_interrupt(run_dir, at_step: int, how: str, epochs: int = 3):
+    """Run pretraining in a subprocess that receives `how` (SIGINT, SIGTERM, SIGKILL) just
+    before optimiser step `at_step`."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        import amdim.train as train
+        from amdim.config import preset
+        lr_factor = train.lr_factor
+        def hook(step, *args):
+            if step == {at_step}:
+                os.kill(os.getpid(), signal.{how})
+            return lr_factor(step, *args)
+        train.lr_factor = hook
+        print(train.pretrain(preset("digits", run_dir={str(run_dir)!r}, epochs={epochs}, **{TINY!r})))
+    """)
+    # same thread count as this process: CPU results are bit-exact only for equal threading
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def assert_same_weights(path_a, path_b):
+    a, b = checkpoint.load(path_a), checkpoint.load(path_b)
+    assert a["step"] == b["step"]
+    for part in ("encoder", "probes"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 3-epoch run to compare resumed runs with."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    pretrain(tiny(run_dir, epochs=3))
+    return run_dir / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_signal_saves_at_step_boundary_and_resumes_exactly(tmp_path, straight, how):
+    done = run_and_interrupt(tmp_path, at_step=4, how=how)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{how} received" in done.stderr
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert (state["epoch"], state["step_in_epoch"], state["step"]) == (1, 2, 5)  # mid-epoch
+    pretrain(tiny(tmp_path, epochs=3))
+    assert_same_weights(tmp_path / "checkpoint.pt", straight)
+
+
+def test_kill_9_loses_only_work_since_last_checkpoint(tmp_path, straight):
+    done = run_and_interrupt(tmp_path, at_step=5, how="SIGKILL")
+    assert done.returncode == -signal.SIGKILL
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert (state["epoch"], state["step"]) == (1, 3)  # the end-of-epoch-1 checkpoint
+    pretrain(tiny(tmp_path, epochs=3))
+    assert_same_weights(tmp_path / "checkpoint.pt", straight)
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal
+        import amdim.checkpoint as checkpoint
+        import amdim.train as train
+        from amdim.config import preset
+        calls, save = [], checkpoint.torch.save
+        def dying_save(state, f):
+            calls.append(1)
+            if len(calls) == 2:  # the second checkpoint: die half-way through the write
+                f.write(b"PK\\x03\\x04 half a checkpoint")
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            save(state, f)
+        checkpoint.torch.save = dying_save
+        train.pretrain(preset("digits", run_dir={str(tmp_path)!r}, epochs=3, **{TINY!r}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 1
+    metrics = pretrain(tiny(tmp_path, epochs=2))  # resumes from the intact checkpoint
+    assert metrics["epoch"] == 2
+
+
+def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    calls, save = [], checkpoint.torch.save
+
+    def full_disk(state, f):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(state, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(TrainingError, match="No space left on device.*previous checkpoint there is kept"):
+        pretrain(tiny(tmp_path, epochs=2))
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 1
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def nan_after(calls: int, monkeypatch):
+    import amdim.model
+
+    real, count = amdim.model.multiscale_nce, []
+
+    def sometimes_nan(*args, **kwargs):
+        count.append(1)
+        losses = real(*args, **kwargs)
+        if len(count) == calls:
+            losses["loss_1t5"] = losses["loss_1t5"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(amdim.model, "multiscale_nce", sometimes_nan)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    nan_after(5, monkeypatch)  # the 5th step is step 4, in epoch 2
+    with pytest.raises(TrainingError, match="non-finite loss at step 4 .epoch 2.*loss_1t5=nan"):
+        pretrain(tiny(tmp_path, epochs=3))
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["encoder"].values() if v.is_floating_point())
+
+
+def test_non_finite_batch_can_be_skipped(tmp_path, monkeypatch):
+    nan_after(5, monkeypatch)
+    metrics = pretrain(tiny(tmp_path, epochs=3, skip_nonfinite=True))
+    assert metrics["epoch"] == 3 and metrics["skipped_batches"] == 1
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert all(torch.isfinite(v).all() for v in state["encoder"].values() if v.is_floating_point())
+
+
+def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch):
+    import amdim.model
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(amdim.model.AMDIM, "forward", out_of_memory)
+    with pytest.raises(SystemExit, match="out of GPU memory with batch_size 16: lower --batch-size .e.g. --batch-size 8"):
+        main(["pretrain", "--ndf", "8", "--n-rkhs", "64", "--batch-size", "16", "--workers", "0",
+              "--run-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "48"], "image_size 48 has no AMDIM encoder"),
+    (["--batch-size", "1"], "batch_size must be at least 2"),
+    (["--ndf", "64", "--n-rkhs", "128"], "raise n_rkhs to at least 256"),
+    (["--data", "/nonexistent/folder"], "neither a built-in dataset"),
+])
+def test_impossible_settings_are_rejected_at_start(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["pretrain", "--run-dir", str(tmp_path), *flags])
