@@ -167,7 +167,7 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch):
     (["--image-size", "48"], "image_size 48 has no AMDIM encoder"),
     (["--batch-size", "1"], "batch_size must be at least 2"),
     (["--ndf", "64", "--n-rkhs", "128"], "raise n_rkhs to at least 256"),
-    (["--data", "/nonexistent/folder"], "neither a built-in dataset"),
+    (["--data", "/nonexistent/folder"], "nor an existing folder"),
 ])
 def test_impossible_settings_are_rejected_at_start(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):

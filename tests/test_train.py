@@ -32,12 +32,15 @@ def test_run_folder_has_everything(tmp_path):
     assert encoder.global_features(torch.randn(2, 3, 32, 32)).shape == (2, 64)
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    pretrain(tiny(tmp_path / "straight", epochs=3))
-    pretrain(tiny(tmp_path / "resumed", epochs=1))
-    pretrain(tiny(tmp_path / "resumed", epochs=3))  # same command, more epochs: resumes
+@pytest.mark.parametrize("data_path", ["loader", "device"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, data_path):
+    pretrain(tiny(tmp_path / "straight", epochs=3, data_path=data_path))
+    pretrain(tiny(tmp_path / "resumed", epochs=1, data_path=data_path))
+    # same command, more epochs: resumes (on the data path it started with)
+    pretrain(tiny(tmp_path / "resumed", epochs=3, data_path="auto"))
     a = checkpoint.load(tmp_path / "straight" / "checkpoint.pt")
     b = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
+    assert a["data_path"] == b["data_path"] == data_path
     for part in ("encoder", "probes"):
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), (part, key)
@@ -104,3 +107,18 @@ def test_demo_learns_clearly_better_than_random_init(tmp_path, capsys):
                               device="cpu"))
     assert metrics["final_linear_probe_acc"] >= metrics["random_init_linear_probe_acc"] + 0.05
     assert "same architecture at random init" in capsys.readouterr().out
+
+
+def test_device_data_path_trains_like_the_loader_path(tmp_path):
+    """The batched on-device views (the GPU path) and the PIL workers' views train alike."""
+    losses, metrics = {}, {}
+    for data_path in ("device", "loader"):
+        run_dir = tmp_path / data_path
+        metrics[data_path] = pretrain(tiny(run_dir, epochs=3, data_path=data_path,
+                                           steps_per_epoch=0, batch_size=64, ndf=16))
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        losses[data_path] = [json.loads(line)["loss"] for line in lines]
+    for data_path in losses:
+        assert losses[data_path][-1] < losses[data_path][0] - 1.0, losses
+        assert metrics[data_path]["test_mlp_acc"] > 0.3  # 10 classes: chance is 0.1
+    assert losses["device"][-1] == pytest.approx(losses["loader"][-1], rel=0.02)

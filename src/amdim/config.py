@@ -22,6 +22,8 @@ class PretrainConfig:
     data_root: str = _field("data", "where torchvision datasets are (or are downloaded to)")
     download: bool = _field(False, "let torchvision download cifar10/cifar100/stl10 into data_root")
     workers: int = _field(2, "data-loader worker processes (0: load in the main process)")
+    data_path: str = _field("auto", "device: decode the images once onto the training device and build views there in batches; loader: DataLoader workers augment on the CPU; auto: device on a GPU when the set fits in half its free memory",
+                            choices=("auto", "device", "loader"))
     strict_data: bool = _field(False, "stop at an unreadable image file instead of skipping it with a warning")
     # encoder (the paper's names)
     image_size: int = _field(32, "32, 64 or 128 px")
@@ -48,6 +50,7 @@ class PretrainConfig:
     precision: str = _field("fp32", "autocast precision (fp16 adds a gradient scaler)",
                             choices=("fp32", "bf16", "fp16"))
     device: str = _field("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    compile: bool = _field(True, "torch.compile the model on CUDA (not on CPU, where compiling costs more than it saves)")
     seed: int = _field(0, "seeds weights, shuffling, augmentation and NCE source locations")
     run_dir: str = _field("runs/amdim", "checkpoint, config.json, metrics.jsonl, TensorBoard events; an existing run there is resumed")
     final_probe: bool = _field(False, "at the end, fit a linear probe on frozen features of the trained encoder and of the same architecture at random init, and print both")

@@ -22,14 +22,16 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .config import PRESETS, PretrainConfig, preset
-from .data import DataError, build_datasets
+from .batch_views import BatchEvaluation, BatchViews
+from .data import STATS, DataError, build_datasets
+from .tensor_data import EvalBatches, TrainBatches, cache_dataset, fits_in_memory
 from .model import AMDIM
 
 log = logging.getLogger("amdim")
 CHECKPOINT = "checkpoint.pt"
 # settings a resumed run may change; every other field must equal the saved run's
 RESUMABLE = {"epochs", "workers", "device", "run_dir", "data_root", "download", "log_every",
-             "final_probe", "skip_nonfinite", "strict_data"}
+             "final_probe", "skip_nonfinite", "strict_data", "data_path", "compile"}
 NCE_TERMS = ("loss_1t5", "loss_1t7", "loss_5t5", "score_reg")
 
 
@@ -66,6 +68,60 @@ class EpochBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(0, self.n // self.batch_size - self.start)
+
+
+class LoaderBatches:
+    """((view1, view2), labels) batches from DataLoader workers running the PIL augmentation:
+    any dataset size. Same interface as tensor_data.TrainBatches."""
+
+    def __init__(self, dataset: Dataset, cfg: PretrainConfig, device: torch.device, rank: int,
+                 world_size: int):
+        self.dataset, self.cfg, self.device = dataset, cfg, device
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.batch = 0, 0
+
+    def set_epoch(self, epoch: int, batch: int = 0) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def __iter__(self):
+        cfg = self.cfg
+        batches = EpochBatches(len(self.dataset), cfg.batch_size, cfg.seed, self.epoch,
+                               self.batch, self.rank, self.world_size)
+        # the workers' seeds come from this generator: a function of the run and the position
+        seed = cfg.seed + 7919 * self.epoch + 104729 * self.rank + self.batch
+        return iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=cfg.workers,
+                               pin_memory=self.device.type == "cuda",
+                               generator=torch.Generator().manual_seed(seed)))
+
+
+def make_batches(cfg: PretrainConfig, train_set: Dataset, test_set: Dataset | None,
+                 device: torch.device, rank: int, world_size: int, chosen: str | None):
+    """(path, training batches, test batches or None). path "device": uint8 images cached on
+    the device once, views built there in batches (tensor_data); "loader": DataLoader workers.
+    A resumed run keeps the path it started with (`chosen`)."""
+    path = chosen or cfg.data_path
+    if path == "auto":
+        path = "device" if fits_in_memory(len(train_set), cfg.image_size, device) else "loader"
+    if path == "device":
+        stats = STATS.get(cfg.data.lower(), STATS["imagenet"])
+        try:
+            cache = cache_dataset(train_set, device)
+        except DataError as error:
+            if cfg.data_path == "device" or chosen:
+                raise
+            log.info("data on the loader path: %s", error)
+            return make_batches(cfg, train_set, test_set, device, rank, world_size, "loader")
+        train = TrainBatches(cache, BatchViews(cfg.image_size, *stats), cfg.batch_size,
+                             seed=cfg.seed, rank=rank, world_size=world_size)
+        test = None if test_set is None else EvalBatches(
+            cache_dataset(test_set, device), BatchEvaluation(cfg.image_size, *stats),
+            cfg.batch_size)
+        return path, train, test
+    train = LoaderBatches(train_set, cfg, device, rank, world_size)
+    test = None if test_set is None else DataLoader(  # the whole test set, in order
+        test_set, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
+        pin_memory=device.type == "cuda")
+    return path, train, test
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: PretrainConfig) -> float:
@@ -192,7 +248,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     torch.manual_seed(cfg.seed + rank)  # augmentations differ between ranks
     # -- resume
-    epoch, step_in_epoch, step = 0, 0, 0
+    epoch, step_in_epoch, step, chosen_path = 0, 0, 0, None
     if path.exists():
         state = checkpoint.load(path)
         _check_same_run(state["config"], cfg, path)
@@ -203,6 +259,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         epoch, step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["step"]
+        chosen_path = state["data_path"]
         rng = state["rng"]
         if len(rng) == world_size:  # each rank continues its own random stream
             torch.set_rng_state(rng[rank]["torch"])
@@ -215,6 +272,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
             log.info("resuming %s at epoch %d, step %d", path, epoch, step)
     if main_rank:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    data_path, train_batches, test_batches = make_batches(
+        cfg, train_set, test_set if n_classes and main_rank else None, device, rank, world_size,
+        chosen_path)
+    if main_rank:
+        log.info("data path: %s; %d steps per epoch", data_path, steps_per_epoch)
+    if device.type == "cuda":  # convolutions run fastest on NHWC; compile fuses the rest
+        model.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            step_model = torch.compile(step_model)
 
     def save() -> None:
         rng = {"torch": torch.get_rng_state(),
@@ -231,7 +297,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                     "probes": model.probes.state_dict() if model.probes else None,
                     "mixture_head": model.mixture_head.state_dict() if model.mixture_head else None,
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "rng": rngs},
+                    "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "rng": rngs,
+                    "data_path": data_path},
                     path)
             except OSError as error:  # e.g. a full disk: save_atomic left the old file intact
                 raise TrainingError(
@@ -241,16 +308,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if world_size > 1:
             torch.distributed.barrier()
 
-    test_loader = None
-    if test_set is not None and n_classes and main_rank:
-        # the whole test set, in order, nothing dropped
-        test_loader = DataLoader(test_set, batch_size=cfg.batch_size, shuffle=False,
-                                 num_workers=cfg.workers, pin_memory=device.type == "cuda")
     writer = None
     if main_rank:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir))
+    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
     metrics: dict = {}
     skipped_batches = 0
     names = NCE_TERMS + ("loss", "probe_loss", "correct_linear", "correct_mlp", "n_labelled")
@@ -258,23 +321,19 @@ def pretrain(cfg: PretrainConfig) -> dict:
     with StopOnSignal() as stop, _explain_out_of_memory(cfg, path):
         while epoch < cfg.epochs:
             model.train()
-            batches = EpochBatches(len(train_set), cfg.batch_size, cfg.seed, epoch,
-                                   start=step_in_epoch, rank=rank, world_size=world_size)
-            loader = DataLoader(train_set, batch_sampler=batches, num_workers=cfg.workers,
-                                pin_memory=device.type == "cuda",
-                                generator=torch.Generator().manual_seed(
-                                    cfg.seed + 7919 * epoch + 104729 * rank + step_in_epoch))
+            train_batches.set_epoch(epoch, step_in_epoch)
             totals = torch.zeros(len(names), dtype=torch.float64)
             start, images_seen = time.perf_counter(), 0
             bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, disable=not main_rank,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", mininterval=1.0,
                        dynamic_ncols=True)
-            for (x1, x2), labels in loader:
+            for (x1, x2), labels in train_batches:
                 if step_in_epoch >= steps_per_epoch:
                     break
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * lr_factor(step, steps_per_epoch, cfg)
-                x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+                x1, x2 = (x.to(device, non_blocking=True, memory_format=memory_format)
+                          for x in (x1, x2))
                 labels = labels.to(device, non_blocking=True)
                 with autocast():
                     out = step_model(x1, x2, labels)
@@ -331,8 +390,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 labelled = max(totals[8].item(), 1)
                 metrics["train_linear_acc"] = totals[6].item() / labelled
                 metrics["train_mlp_acc"] = totals[7].item() / labelled
-            if test_loader is not None:
-                metrics.update(probe_accuracy(model, test_loader, device, autocast))
+            if test_batches is not None:
+                metrics.update(probe_accuracy(model, test_batches, device, autocast))
             if main_rank:
                 for name, value in metrics.items():
                     writer.add_scalar(f"epoch/{name}", value, epoch + 1)
