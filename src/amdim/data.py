@@ -3,6 +3,11 @@
 `build_datasets(cfg)` gives the pretraining set (each item: ((view1, view2), label)) and the
 labelled test set (each item: (image, label), deterministic transform). Labels are -1 where an
 image has none (STL-10's unlabelled split, an unlabelled folder): the probes ignore those.
+
+Image folders are checked when they are built: every file is decoded once (cheaply, see
+images.problem), so a truncated or non-image file is skipped with a warning and listed in the
+dataset's `skipped` (`skipped_files(dataset)`), or, with strict, stops the run with a DataError
+before it starts. Folder layouts that cannot work raise a DataError saying what to change.
 """
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
+# DataError and the folder datasets live with the file reading; their users import them from here
+from .images import (IMAGE_EXTENSIONS, DataError, ImageClasses,  # noqa: F401
+                     ImageFiles, skipped_files)
 from .views import TwoViews, evaluation_transform
 
 # per-dataset normalisation (mean, std), the authors' values where they give them
@@ -25,11 +33,7 @@ STATS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # any image folder
     "digits": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DataError(RuntimeError):
-    """Data that is missing or unusable, with what to do about it."""
+KNOWN = ("digits", "cifar10", "cifar100", "stl10")
 
 
 class ArrayImages(Dataset):
@@ -43,23 +47,6 @@ class ArrayImages(Dataset):
 
     def __getitem__(self, index: int):
         return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
-
-
-class ImageFiles(Dataset):
-    """Every image file below a folder, unlabelled (label -1): for pretraining only."""
-
-    def __init__(self, root: Path, transform: Callable):
-        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not self.files:
-            raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found below {root}")
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        with Image.open(self.files[index]) as image:
-            return self.transform(image.convert("RGB")), -1
 
 
 def digits(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -95,11 +82,25 @@ def _folder_split(root: Path, names: tuple[str, ...]) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
 
 
-def _labelled_folder(path: Path, transform: Callable) -> datasets.ImageFolder:
-    try:
-        return datasets.ImageFolder(str(path), transform=transform)
-    except (FileNotFoundError, RuntimeError) as error:
-        raise DataError(f"{path} must hold one subfolder of images per class: {error}") from None
+def _existing_folder(data: str) -> Path:
+    root = Path(data)
+    if not root.exists():
+        raise DataError(f"--data {data!r} is neither a known dataset ({', '.join(KNOWN)}) "
+                        f"nor an existing folder ({root.resolve()} does not exist); check the "
+                        "path")
+    if not root.is_dir():
+        raise DataError(f"--data {data!r} is a file, not a folder; pass the folder that holds "
+                        f"the images (or train/<class>/ and val/<class>/)")
+    return root
+
+
+def _same_classes(train: ImageClasses, test: ImageClasses) -> None:
+    only_train = sorted(set(train.classes) - set(test.classes))
+    only_test = sorted(set(test.classes) - set(train.classes))
+    if only_train or only_test:
+        raise DataError(f"{train.root} and {test.root} must hold the same class folders; only in "
+                        f"{train.root.name}/: {only_train}, only in {test.root.name}/: "
+                        f"{only_test}. Add or remove class folders so that they match")
 
 
 def build_datasets(cfg) -> tuple[Dataset, Dataset | None, int]:
@@ -115,27 +116,25 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset | None, int]:
         train = _torchvision(name, cfg.data_root, True, cfg.download, views)
         test = _torchvision(name, cfg.data_root, False, cfg.download, test_transform)
         return train, test, {"cifar10": 10, "cifar100": 100, "stl10": 10}[name]
-    root = Path(cfg.data)
-    if not root.is_dir():
-        raise DataError(f"--data {cfg.data!r} is neither a known dataset (digits, cifar10, "
-                        "cifar100, stl10) nor an existing folder")
+    root = _existing_folder(cfg.data)
     train_dir = _folder_split(root, ("train",))
     if train_dir is None:  # a plain folder of images: unlabelled pretraining, no probes
-        return ImageFiles(root, views), None, 0
-    train = _labelled_folder(train_dir, views)
+        return ImageFiles(root, views, cfg.strict_data), None, 0
+    train = ImageClasses(train_dir, views, cfg.strict_data)
     test_dir = _folder_split(root, ("val", "test"))
-    test = _labelled_folder(test_dir, test_transform) if test_dir else None
-    if test is not None and test.classes != train.classes:
-        raise DataError(f"{test_dir} and {train_dir} must hold the same class folders")
+    test = ImageClasses(test_dir, test_transform, cfg.strict_data) if test_dir else None
+    if test is not None:
+        _same_classes(train, test)
     return train, test, len(train.classes)
 
 
 def labelled_split(data: str, split: str, transform: Callable, data_root: str = "data",
-                   download: bool = False) -> Dataset:
+                   download: bool = False, strict: bool = False) -> Dataset:
     """The labelled `split` ("train" or "test") of a dataset for evaluation; items (image, label).
 
     data: digits, cifar10, cifar100, stl10 (its 5,000 labelled training images, not the
-    unlabelled split), or a folder holding train/<class>/ and val/<class>/ (or test/<class>/).
+    unlabelled split), or a folder holding train/<class>/ and val/<class>/ (or test/<class>/),
+    whose unreadable files are skipped (strict: raise DataError).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -150,16 +149,13 @@ def labelled_split(data: str, split: str, transform: Callable, data_root: str = 
                             "--data-root at the folder that holds it") from None
     if name in ("cifar10", "cifar100", "stl10"):
         return _torchvision(name, data_root, split == "train", download, transform)
-    root = Path(data)
-    if not root.is_dir():
-        raise DataError(f"--data {data!r} is neither a known dataset (digits, cifar10, cifar100, "
-                        "stl10) nor an existing folder")
+    root = _existing_folder(data)
     names = ("train",) if split == "train" else ("val", "test")
     folder = _folder_split(root, names)
     if folder is None:
         raise DataError(f"{root} has no {' or '.join(n + '/' for n in names)} subfolder; labelled "
                         f"evaluation needs {root}/train/<class>/ and {root}/val/<class>/ (or test/)")
-    return _labelled_folder(folder, transform)
+    return ImageClasses(folder, transform, strict)
 
 
 def class_names(dataset: Dataset) -> list[str]:

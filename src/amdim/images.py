@@ -1,0 +1,205 @@
+"""Image files on disk: which files count as images, decoding any PIL mode to 8-bit RGB, a
+cheap check that a file decodes at all, and the folder datasets built on them (ImageFiles,
+ImageClasses), which check every file when they are built, so that a bad file is found before
+training rather than in a DataLoader worker hours later."""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset, Subset
+from tqdm import tqdm
+
+log = logging.getLogger("amdim")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# modes whose pixels hold more than 8 bits, with the value that maps to white
+DEEP_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535,
+              "I": 65535,  # Pillow opens 16-bit PGM (and some TIFF) as 32-bit "I"
+              "F": 1.0}  # float TIFFs: taken as [0, 1]
+WHITE = (255, 255, 255)
+WARN_FILES = 10  # unreadable files named one by one at build time; the rest in one line
+MAX_SUBSTITUTES = 10  # unreadable files in a row before a run stops: the folder itself is gone
+
+
+class DataError(RuntimeError):
+    """Data that is missing or unusable, with what to do about it."""
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file below `folder` (by extension, following links), sorted; names that start
+    with "." (.ipynb_checkpoints, macOS ._ files) are left out."""
+    found = []
+    for parent, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(parent, n) for n in names
+                  if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16-bit and float pixels are scaled (PIL's convert would clip
+    them to white), transparent pixels are laid on white (dropping alpha would show whatever
+    colour the transparent pixels happen to hold)."""
+    if image.mode in DEEP_MODES:
+        pixels = np.asarray(image, dtype=np.float64)
+        if pixels.ndim == 3:  # Pillow may give (H, W, 1)
+            pixels = pixels[..., 0]
+        pixels = np.clip(pixels / DEEP_MODES[image.mode], 0, 1) * 255
+        return Image.fromarray(np.round(pixels).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """The image in `path` decoded to 8-bit RGB; raises whatever PIL raises on a bad file."""
+    with Image.open(path) as image:
+        return to_rgb(image)
+
+
+def problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be used as an image, or None if it can. Decodes the whole file, JPEGs at
+    1/8 scale (the entropy-coded data is still read to the end, so truncation shows)."""
+    try:
+        with Image.open(path) as image:
+            image.draft(None, (1, 1))
+            to_rgb(image)
+    # any exception: Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error, ...
+    except Exception as error:  # noqa: BLE001
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def find_problems(paths: list[str], workers: int | None = None) -> dict[str, str]:
+    """{path: reason} for every path in `paths` that does not decode (see `problem`), checked on
+    threads (Pillow releases the GIL while decoding)."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        reasons = list(tqdm(pool.map(problem, paths), total=len(paths),
+                            desc="checking images", unit="img", mininterval=2.0,
+                            disable=len(paths) < 20_000))
+    return {path: reason for path, reason in zip(paths, reasons) if reason is not None}
+
+
+class _CheckedFiles(Dataset):
+    """(path, label) samples whose files were all decoded once when the set was built; the
+    unreadable ones are in `skipped` (or, strict, stop with a DataError). A file that fails later
+    is replaced by the next one, warned once per file and process (DataLoader workers are
+    processes: such late failures do not reach `skipped` in the main process)."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable | None, strict: bool,
+                 root: Path):
+        problems = find_problems([path for path, _ in samples])
+        if problems and strict:
+            named = "; ".join(f"{path} ({why})" for path, why in list(problems.items())[:5])
+            more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+            raise DataError(f"{len(problems)} unreadable image file(s) below {root}: {named}"
+                            f"{more}. Remove or replace them, or run without --strict-data to "
+                            "skip them with a warning")
+        for path, why in list(problems.items())[:WARN_FILES]:
+            log.warning("skipping unreadable image %s (%s)", path, why)
+        if len(problems) > WARN_FILES:
+            log.warning("skipping %d more unreadable images below %s (all are listed in the "
+                        "dataset's `skipped`)", len(problems) - WARN_FILES, root)
+        self.samples = [(path, label) for path, label in samples if path not in problems]
+        if not self.samples:
+            path, why = next(iter(problems.items()))
+            raise DataError(f"none of the {len(problems)} image files below {root} can be read "
+                            f"(the first: {path}: {why}); check that they are images")
+        self.skipped: list[str] = sorted(problems)
+        self.root, self.transform, self.strict = root, transform, strict
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        for offset in range(MAX_SUBSTITUTES):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                image = open_rgb(path)
+            # any exception: Pillow's plugins raise OSError, SyntaxError, ValueError, ...
+            except Exception as error:  # noqa: BLE001
+                self._unreadable(path, error)
+                continue
+            return (self.transform(image) if self.transform else image), label
+        raise DataError(f"{MAX_SUBSTITUTES} image files in a row from item {index} on are "
+                        f"unreadable (the last: {path}); has the data folder gone away?")
+
+    def _unreadable(self, path: str, error: Exception) -> None:
+        if self.strict:
+            raise DataError(f"{path} became unreadable during the run ({type(error).__name__}: "
+                            f"{error}); replace it, or run without --strict-data to skip it")
+        if path not in self._warned:
+            self._warned.add(path)
+            self.skipped.append(path)
+            log.warning("%s became unreadable (%s: %s); using the next image in its place",
+                        path, type(error).__name__, error)
+
+
+class ImageFiles(_CheckedFiles):
+    """Every image file below a folder, unlabelled (label -1): for pretraining only."""
+
+    def __init__(self, root: Path, transform: Callable | None, strict: bool = False):
+        root = Path(root)
+        files = image_files(root)
+        if not files:
+            raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found below {root}; "
+                            "put the images there (in any subfolders), or, for a labelled run, "
+                            f"in {root}/train/<class>/ and {root}/val/<class>/")
+        super().__init__([(str(f), -1) for f in files], transform, strict, root)
+
+    @property
+    def files(self) -> list[Path]:
+        return [Path(path) for path, _ in self.samples]
+
+
+class ImageClasses(_CheckedFiles):
+    """root/<class>/.../<image> as (image, class index), like torchvision's ImageFolder (same
+    `classes`, `class_to_idx`, `samples`, `targets`), but with unreadable files skipped."""
+
+    def __init__(self, root: Path, transform: Callable | None, strict: bool = False):
+        root = Path(root)
+        self.classes = sorted(p.name for p in root.iterdir()
+                              if p.is_dir() and not p.name.startswith("."))
+        loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not self.classes:
+            held = f"holds {len(loose)} images but no" if loose else "holds no"
+            raise DataError(f"{root} {held} class subfolders; labels come from one subfolder of "
+                            f"images per class ({root}/<class>/<image>). Sort the images into "
+                            "class folders (pretraining without labels takes a plain folder of "
+                            "images: one without train/)")
+        if loose:
+            log.warning("ignoring %d images directly in %s (such as %s): only those in a class "
+                        "folder have a label", len(loose), root, loose[0].name)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        files = {name: image_files(root / name) for name in self.classes}
+        empty = [name for name, found in files.items() if not found]
+        if empty:
+            raise DataError(f"the class folders {empty} in {root} hold no image files "
+                            f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folders")
+        samples = [(str(f), self.class_to_idx[name])
+                   for name, found in files.items() for f in found]
+        super().__init__(samples, transform, strict, root)
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+
+def skipped_files(dataset: Dataset) -> list[str]:
+    """The image files left out of `dataset` because they could not be read (looking inside
+    Subset and ConcatDataset); [] for datasets that do not read files."""
+    if isinstance(dataset, Subset):
+        return skipped_files(dataset.dataset)
+    if isinstance(dataset, ConcatDataset):
+        return [path for part in dataset.datasets for path in skipped_files(part)]
+    return list(getattr(dataset, "skipped", []))

@@ -1,0 +1,261 @@
+"""Bad input data: skipped with a warning (or a DataError under strict_data), folder layouts
+that cannot work explained, odd image sizes and PIL modes served as (3, S, S) RGB tensors."""
+import logging
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+from torch.utils.data import ConcatDataset, DataLoader, Subset
+from torchvision import datasets
+
+from amdim.config import preset
+from amdim.data import (ArrayImages, DataError, ImageClasses, ImageFiles, build_datasets,
+                        class_names, digits, labelled_split, skipped_files)
+from amdim.images import open_rgb, to_rgb
+
+
+def save_image(path, size=(40, 30), value=None):
+    """A small RGB image file (random pixels unless `value`); the suffix picks the format."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    pixels = (np.full((h, w, 3), value, np.uint8) if value is not None
+              else np.random.default_rng(len(str(path))).integers(0, 256, (h, w, 3), np.uint8))
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def labelled_folder(root, classes=("cat", "dog"), n=3, size=(40, 30), splits=("train", "val")):
+    for split in splits:
+        for name in classes:
+            for i in range(n):
+                save_image(root / split / name / f"{i}.png", size)
+    return root
+
+
+def truncated_jpeg(path):
+    save_image(path.with_suffix(".tmp.jpg"), (64, 48))
+    data = path.with_suffix(".tmp.jpg").read_bytes()
+    path.with_suffix(".tmp.jpg").unlink()
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+def config(folder, **overrides):
+    return preset("digits", data=str(folder), **overrides)
+
+
+def warnings_naming(caplog, path):
+    return [r for r in caplog.records
+            if r.levelno == logging.WARNING and str(path) in r.getMessage()]
+
+
+# -- unreadable files
+
+
+@pytest.mark.parametrize("layout", ["labelled", "unlabelled"])
+def test_bad_files_are_skipped_with_one_warning_each(tmp_path, caplog, layout):
+    folder = labelled_folder(tmp_path / "data")
+    bad_dir = folder / "train" / "cat" if layout == "labelled" else folder / "loose"
+    if layout == "unlabelled":
+        for split in ("train", "val"):
+            (folder / split).rename(folder / f"{split}-images")  # no train/: unlabelled
+        save_image(bad_dir / "good.png")
+    truncated = truncated_jpeg(bad_dir / "truncated.jpg")
+    text = bad_dir / "notes.jpg"
+    text.write_text("not an image")
+    (bad_dir / "README.txt").write_text("not an image extension: ignored, not skipped")
+    with caplog.at_level(logging.WARNING, logger="amdim"):
+        train, _, _ = build_datasets(config(folder))
+    assert sorted(train.skipped) == sorted([str(truncated), str(text)])
+    assert skipped_files(train) == train.skipped
+    assert len(warnings_naming(caplog, truncated)) == 1 and len(warnings_naming(caplog, text)) == 1
+    assert len(train) == (6 if layout == "labelled" else 13)
+    for (x1, x2), _ in DataLoader(train, batch_size=4):  # every item loads
+        assert x1.shape[1:] == x2.shape[1:] == (3, 32, 32)
+
+
+def test_strict_data_stops_naming_the_file(tmp_path):
+    folder = labelled_folder(tmp_path / "data")
+    bad = truncated_jpeg(folder / "val" / "dog" / "bad.jpg")
+    with pytest.raises(DataError, match="bad.jpg") as error:
+        build_datasets(config(folder, strict_data=True))
+    assert "--strict-data" in str(error.value)
+    with pytest.raises(DataError, match="bad.jpg"):
+        build_datasets(config(folder / "val", strict_data=True))  # unlabelled: no train/
+    assert len(build_datasets(config(folder))[1].skipped) == 1  # not strict: skipped
+    assert bad.exists()
+
+
+def test_file_that_breaks_later_is_replaced_by_the_next_and_warned_once(tmp_path, caplog):
+    folder = labelled_folder(tmp_path / "data", n=2)
+    train = ImageClasses(folder / "train", transform=None)
+    path, _ = train.samples[1]
+    expected = open_rgb(train.samples[2][0])
+    with open(path, "w") as f:
+        f.write("gone bad")
+    with caplog.at_level(logging.WARNING, logger="amdim"):
+        first, second = train[1], train[1]
+    assert len(warnings_naming(caplog, path)) == 1
+    for image, label in (first, second):  # deterministic: always the next item
+        assert np.array_equal(np.asarray(image), np.asarray(expected)) and label == 1
+    assert skipped_files(train) == [path]
+    strict = ImageClasses(folder / "val", transform=None, strict=True)
+    open(strict.samples[0][0], "wb").close()  # emptied: unreadable
+    with pytest.raises(DataError, match=re.escape(strict.samples[0][0])):
+        strict[0]
+
+
+def test_worker_processes_survive_a_file_that_breaks_later(tmp_path):
+    folder = labelled_folder(tmp_path / "data", n=4)
+    train, _, _ = build_datasets(config(folder))
+    open(train.samples[3][0], "wb").close()
+    loader = DataLoader(train, batch_size=4, num_workers=2)
+    assert sum(len(labels) for _, labels in loader) == len(train)
+
+
+def test_a_folder_that_goes_away_stops_with_a_clear_error(tmp_path):
+    folder = labelled_folder(tmp_path / "data", n=6)
+    train = ImageFiles(folder, transform=None)
+    for path, _ in train.samples:
+        open(path, "wb").close()
+    with pytest.raises(DataError, match="gone away"):
+        train[0]
+
+
+def test_skipped_files_looks_inside_wrappers(tmp_path):
+    folder = tmp_path / "images"
+    save_image(folder / "a.png")
+    (folder / "b.png").write_bytes(b"\x89PNG broken")
+    files = ImageFiles(folder, transform=None)
+    assert skipped_files(Subset(files, [0])) == [str(folder / "b.png")]
+    assert len(skipped_files(ConcatDataset([files, files]))) == 2
+    assert skipped_files(ArrayImages(*digits("test"), transform=None)) == []
+
+
+# -- folder layouts that cannot work
+
+
+def test_missing_path_and_file_path(tmp_path):
+    with pytest.raises(DataError, match="does not exist") as error:
+        build_datasets(config(tmp_path / "nowhere"))
+    assert str(tmp_path / "nowhere") in str(error.value)
+    (tmp_path / "data.npz").write_bytes(b"")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        build_datasets(config(tmp_path / "data.npz"))
+    with pytest.raises(DataError, match="does not exist"):
+        labelled_split(str(tmp_path / "nowhere"), "train", transform=None)
+
+
+def test_empty_folders(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files .* found below .*empty"):
+        build_datasets(config(tmp_path / "empty"))
+    (tmp_path / "labelled" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="train holds no class subfolders"):
+        build_datasets(config(tmp_path / "labelled"))
+    (tmp_path / "labelled" / "train" / "cat").mkdir()
+    with pytest.raises(DataError, match=r"class folders \['cat'\] .* hold no image files"):
+        build_datasets(config(tmp_path / "labelled"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.jpg").write_text("text")
+    with pytest.raises(DataError, match="none of the 1 image files"):
+        build_datasets(config(tmp_path / "broken"))
+
+
+def test_labelled_run_needs_class_folders(tmp_path):
+    for i in range(3):
+        save_image(tmp_path / "train" / f"{i}.png")
+    with pytest.raises(DataError, match="train holds 3 images but no class subfolders") as error:
+        build_datasets(config(tmp_path))
+    assert "<class>" in str(error.value)
+
+
+def test_loose_images_beside_class_folders_are_ignored_with_a_warning(tmp_path, caplog):
+    folder = labelled_folder(tmp_path / "data", splits=("train",))
+    save_image(folder / "train" / "stray.png")
+    with caplog.at_level(logging.WARNING, logger="amdim"):
+        train, test, n_classes = build_datasets(config(folder))
+    assert len(train) == 6 and test is None and n_classes == 2
+    assert any("stray.png" in r.getMessage() for r in caplog.records)
+
+
+def test_train_and_val_must_hold_the_same_classes(tmp_path):
+    folder = labelled_folder(tmp_path / "data")
+    save_image(folder / "val" / "bird" / "0.png")
+    with pytest.raises(DataError, match=r"only in train/: \[\], only in val/: \['bird'\]"):
+        build_datasets(config(folder))
+
+
+def test_image_classes_match_torchvision_image_folder(tmp_path):
+    folder = labelled_folder(tmp_path / "data", classes=("b", "a", "c"), n=2)
+    (folder / "train" / ".ipynb_checkpoints").mkdir()  # hidden: not a class
+    ours = labelled_split(str(folder), "train", transform=None)
+    (folder / "train" / ".ipynb_checkpoints").rmdir()
+    theirs = datasets.ImageFolder(str(folder / "train"))
+    assert ours.classes == theirs.classes and ours.class_to_idx == theirs.class_to_idx
+    assert ours.samples == theirs.samples and ours.targets == theirs.targets
+    assert class_names(ours) == ["a", "b", "c"]
+
+
+# -- sizes and modes
+
+
+@pytest.mark.parametrize("image_size", [32, 64, 128])
+def test_any_image_size_gives_tensors_of_the_encoder_size(tmp_path, image_size):
+    sizes = [(50, 70), (20, 20), (33, 31), (7, 300), (300, 7), (1, 1)]
+    for split in ("train", "val"):
+        for i, size in enumerate(sizes):
+            save_image(tmp_path / split / "any" / f"{i}.png", size)
+    train, test, _ = build_datasets(config(tmp_path, image_size=image_size))
+    shape = (3, image_size, image_size)
+    for i in range(len(sizes)):
+        (x1, x2), label = train[i]
+        assert x1.shape == x2.shape == test[i][0].shape == shape and label == 0
+
+
+def write_modes(folder):
+    """One image per PIL mode, with known pixels; returns {file name: expected RGB of (0, 0)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (9, 7), 100).save(folder / "gray.png")
+    palette = Image.new("P", (9, 7), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.save(folder / "palette.png")
+    Image.new("RGBA", (9, 7), (255, 0, 0, 255)).save(folder / "rgba.png")
+    Image.new("CMYK", (9, 7), (0, 255, 255, 0)).save(folder / "cmyk.tif")
+    Image.new("CMYK", (9, 7), (0, 0, 0, 0)).save(folder / "cmyk.jpg", quality=100)
+    deep = np.full((7, 9), 32896, np.uint16)  # 32896 / 257 = 128 exactly
+    Image.fromarray(deep).save(folder / "deep.png")  # I;16
+    Image.fromarray(deep).save(folder / "deep.pgm")  # Pillow reads 16-bit PGM as "I"
+    return {"gray.png": (100,) * 3, "palette.png": (10, 200, 30), "rgba.png": (255, 0, 0),
+            "cmyk.tif": (255, 0, 0), "cmyk.jpg": (255, 255, 255), "deep.png": (128,) * 3,
+            "deep.pgm": (128,) * 3}
+
+
+def test_every_mode_is_read_as_rgb(tmp_path):
+    expected = write_modes(tmp_path / "modes")
+    assert Image.open(tmp_path / "modes" / "deep.png").mode == "I;16"
+    for name, rgb in expected.items():
+        image = open_rgb(tmp_path / "modes" / name)
+        assert image.mode == "RGB" and image.size == (9, 7)
+        assert np.abs(np.asarray(image)[0, 0].astype(int) - rgb).max() <= 1, name
+    train, _, _ = build_datasets(config(tmp_path / "modes"))
+    assert train.skipped == [] and len(train) == len(expected)
+    for i in range(len(train)):
+        (x1, x2), _ = train[i]
+        assert x1.shape == x2.shape == (3, 32, 32)
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    ramp = np.array([[0, 257, 1000, 32896, 65535]], np.uint16)  # (1, 5)
+    for image in (Image.fromarray(ramp), Image.fromarray(ramp.astype(np.int32), "I")):
+        assert np.asarray(to_rgb(image))[0, :, 0].tolist() == [0, 1, 4, 128, 255]
+    floats = Image.fromarray(np.array([[0.0, 0.5, 1.0, 2.0]], np.float32), "F")
+    assert np.asarray(to_rgb(floats))[0, :, 0].tolist() == [0, 128, 255, 255]
+
+
+def test_transparent_pixels_are_laid_on_white():
+    rgba = np.zeros((2, 2, 4), np.uint8)  # transparent black ...
+    rgba[0, 0] = (0, 0, 255, 255)  # ... and one opaque blue pixel
+    rgb = np.asarray(to_rgb(Image.fromarray(rgba, "RGBA")))
+    assert rgb[0, 0].tolist() == [0, 0, 255] and rgb[1, 1].tolist() == [255, 255, 255]
