@@ -172,3 +172,22 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch):
 def test_impossible_settings_are_rejected_at_start(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
         main(["pretrain", "--run-dir", str(tmp_path), *flags])
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(12):
+                colour = (40 * i % 255, 200 if label == "a" else 30, 90)
+                Image.new("RGB", (32, 32), colour).save(folder / f"{i}.png")
+    (tmp_path / "data" / "train" / "a" / "broken.jpg").write_text("not an image")
+    metrics = pretrain(tiny(tmp_path / "run", data=str(tmp_path / "data"), epochs=1,
+                            batch_size=8, steps_per_epoch=2))
+    assert metrics["skipped_files"] == 1
+    with pytest.raises(SystemExit, match="broken.jpg"):
+        main(["pretrain", "--data", str(tmp_path / "data"), "--strict-data", "--run-dir",
+              str(tmp_path / "strict")])

@@ -6,7 +6,8 @@ import torch
 from amdim import checkpoint
 from amdim.cli import main
 from amdim.config import preset
-from amdim.train import EpochBatches, TrainingError, lr_factor, pretrain
+from amdim.batches import EpochBatches
+from amdim.train import TrainingError, lr_factor, pretrain
 
 TINY = dict(ndf=8, n_rkhs=64, n_depth=1, batch_size=16, steps_per_epoch=3, warmup_steps=4,
             workers=0, final_probe=False, device="cpu")

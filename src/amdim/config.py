@@ -5,8 +5,11 @@ defaults, and any flag overrides it.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
+
+import torch
 
 from .encoder import EncoderConfig
 
@@ -109,3 +112,35 @@ def preset(name: str, **overrides) -> PretrainConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PretrainConfig.from_dict({**PRESETS[name], **overrides})
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda if available, else cpu; any other torch device name as is."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per PretrainConfig field (n_rkhs -> --n-rkhs); unset flags keep the preset's value."""
+    for spec in dataclasses.fields(PretrainConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        default = spec.default
+        kwargs = dict(default=None, help=f"{spec.metadata['help']} (default {default!r})")
+        if spec.metadata["choices"]:
+            kwargs["choices"] = spec.metadata["choices"]
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=int, nargs="*", metavar="EPOCH", **kwargs)
+        else:
+            parser.add_argument(flag, type=type(default), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)
+                 if getattr(args, f.name) is not None}
+    return preset(args.preset, **overrides)

@@ -9,6 +9,7 @@ linear evaluation, the run fails if any encoder weight or batch-norm statistic c
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -25,7 +26,8 @@ from . import checkpoint
 from .classifiers import Probes, clipped_cross_entropy
 from .data import STATS, DataError, class_names, labelled_split
 from .encoder import Encoder
-from .extract import checkpoint_data, extract_features, resolve_device
+from .config import resolve_device
+from .extract import checkpoint_data, extract_features
 from .views import augmentation, evaluation_transform
 
 log = logging.getLogger("amdim")
@@ -216,6 +218,37 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_root: str | Non
         raise EvaluationError(f"cannot write the results to {out} ({error}); pass --out") from None
     report["out"] = str(out)
     return report
+
+
+def linear_probe_accuracy(encoder: Encoder, train_set: Dataset, test_set: Dataset,
+                          device: torch.device) -> float:
+    """Test accuracy of a logistic regression fitted on frozen, standardised global features
+    (scikit-learn's: a robust solver, nothing to tune, fine for small sets)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train = extract_features(encoder, train_set, device)
+    test = extract_features(encoder, test_set, device)
+    keep = train["labels"] >= 0
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    probe.fit(train["features"][keep].numpy(), train["labels"][keep].numpy())
+    return float(probe.score(test["features"].numpy(), test["labels"].numpy()))
+
+
+def compare_with_random_init(encoder: Encoder, seed: int, train_set: Dataset, test_set: Dataset,
+                             device: torch.device) -> dict[str, float]:
+    """Linear-probe accuracy of the trained encoder next to the same architecture at random
+    init: the proof that pretraining learned something. Prints both."""
+    train_plain = copy.copy(train_set)  # the training images with the deterministic transform
+    train_plain.transform = test_set.transform
+    torch.manual_seed(seed)
+    random_init = Encoder(encoder.cfg).to(device)
+    trained = linear_probe_accuracy(encoder, train_plain, test_set, device)
+    baseline = linear_probe_accuracy(random_init, train_plain, test_set, device)
+    print(f"linear probe on frozen features: trained encoder {100 * trained:.1f}% | "
+          f"same architecture at random init {100 * baseline:.1f}%")
+    return {"final_linear_probe_acc": trained, "random_init_linear_probe_acc": baseline}
 
 
 def table(report: dict) -> str:

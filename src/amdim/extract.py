@@ -15,21 +15,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import checkpoint
+from .config import resolve_device
 from .data import STATS, DataError, ImageFiles, class_names, labelled_split
 from .encoder import Encoder
 from .views import evaluation_transform
 
 log = logging.getLogger("amdim")
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda if available, else cpu; any other torch device name as is."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
 
 
 def checkpoint_data(state: dict, data: str | None, data_root: str | None) -> tuple[str, str]:

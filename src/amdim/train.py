@@ -6,25 +6,22 @@ model, optimiser, resume, then the loop (steps, evaluation, metrics, checkpoint 
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import logging
-import math
 import signal
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .config import PRESETS, PretrainConfig, preset
-from .batch_views import BatchEvaluation, BatchViews
-from .data import STATS, DataError, build_datasets
-from .tensor_data import EvalBatches, TrainBatches, cache_dataset, fits_in_memory
+from .batches import make_batches
+from .config import PRESETS, PretrainConfig, add_config_flags, config_from_args, resolve_device
+from .data import DataError, build_datasets, skipped_files
+from .evaluate import compare_with_random_init
 from .model import AMDIM
 
 log = logging.getLogger("amdim")
@@ -37,91 +34,6 @@ NCE_TERMS = ("loss_1t5", "loss_1t7", "loss_5t5", "score_reg")
 
 class TrainingError(RuntimeError):
     """A run that cannot start or go on, with what to do about it."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
-
-
-class EpochBatches(Sampler[list[int]]):
-    """This rank's part of each global batch of the epoch's shuffled order, from global batch
-    `start`. The order depends only on (seed, epoch), so a resumed run sees the same batches,
-    and N ranks together see exactly the batches one process would (rank r takes the r-th
-    slice of each)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
-        self.rank, self.local = rank, batch_size // world_size
-
-    def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
-            self.seed * 1_000_003 + self.epoch)).tolist()
-        for batch in range(self.start, self.n // self.batch_size):  # full batches only
-            first = batch * self.batch_size + self.rank * self.local
-            yield order[first:first + self.local]
-
-    def __len__(self) -> int:
-        return max(0, self.n // self.batch_size - self.start)
-
-
-class LoaderBatches:
-    """((view1, view2), labels) batches from DataLoader workers running the PIL augmentation:
-    any dataset size. Same interface as tensor_data.TrainBatches."""
-
-    def __init__(self, dataset: Dataset, cfg: PretrainConfig, device: torch.device, rank: int,
-                 world_size: int):
-        self.dataset, self.cfg, self.device = dataset, cfg, device
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.batch = 0, 0
-
-    def set_epoch(self, epoch: int, batch: int = 0) -> None:
-        self.epoch, self.batch = epoch, batch
-
-    def __iter__(self):
-        cfg = self.cfg
-        batches = EpochBatches(len(self.dataset), cfg.batch_size, cfg.seed, self.epoch,
-                               self.batch, self.rank, self.world_size)
-        # the workers' seeds come from this generator: a function of the run and the position
-        seed = cfg.seed + 7919 * self.epoch + 104729 * self.rank + self.batch
-        return iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=cfg.workers,
-                               pin_memory=self.device.type == "cuda",
-                               generator=torch.Generator().manual_seed(seed)))
-
-
-def make_batches(cfg: PretrainConfig, train_set: Dataset, test_set: Dataset | None,
-                 device: torch.device, rank: int, world_size: int, chosen: str | None):
-    """(path, training batches, test batches or None). path "device": uint8 images cached on
-    the device once, views built there in batches (tensor_data); "loader": DataLoader workers.
-    A resumed run keeps the path it started with (`chosen`)."""
-    path = chosen or cfg.data_path
-    if path == "auto":
-        path = "device" if fits_in_memory(len(train_set), cfg.image_size, device) else "loader"
-    if path == "device":
-        stats = STATS.get(cfg.data.lower(), STATS["imagenet"])
-        try:
-            cache = cache_dataset(train_set, device)
-        except DataError as error:
-            if cfg.data_path == "device" or chosen:
-                raise
-            log.info("data on the loader path: %s", error)
-            return make_batches(cfg, train_set, test_set, device, rank, world_size, "loader")
-        train = TrainBatches(cache, BatchViews(cfg.image_size, *stats), cfg.batch_size,
-                             seed=cfg.seed, rank=rank, world_size=world_size)
-        test = None if test_set is None else EvalBatches(
-            cache_dataset(test_set, device), BatchEvaluation(cfg.image_size, *stats),
-            cfg.batch_size)
-        return path, train, test
-    train = LoaderBatches(train_set, cfg, device, rank, world_size)
-    test = None if test_set is None else DataLoader(  # the whole test set, in order
-        test_set, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
-        pin_memory=device.type == "cuda")
-    return path, train, test
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: PretrainConfig) -> float:
@@ -386,6 +298,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
                        "images_per_s": images_seen / (time.perf_counter() - start)}
             if skipped_batches:
                 metrics["skipped_batches"] = skipped_batches
+            bad_files = skipped_files(train_set) + (skipped_files(test_set) if test_set else [])
+            if bad_files:  # unreadable images left out (each named in a warning)
+                metrics["skipped_files"] = len(bad_files)
             if n_classes:
                 labelled = max(totals[8].item(), 1)
                 metrics["train_linear_acc"] = totals[6].item() / labelled
@@ -404,73 +319,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if writer is not None:
         writer.close()
     if cfg.final_probe and test_set is not None and n_classes and main_rank:
-        metrics.update(compare_with_random_init(model.encoder, cfg, train_set, test_set, device))
+        metrics.update(compare_with_random_init(model.encoder, cfg.seed, train_set, test_set, device))
     return metrics
 
 
-@torch.no_grad()
-def _features(encoder, dataset: Dataset, device: torch.device, batch_size: int):
-    encoder.eval()
-    chunks, labels = [], []
-    for images, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        chunks.append(encoder.global_features(images.to(device)).float().cpu())
-        labels.append(y)
-    return torch.cat(chunks).numpy(), torch.cat(labels).numpy()
-
-
-def linear_probe_accuracy(encoder, train_set: Dataset, test_set: Dataset, device: torch.device,
-                          batch_size: int = 256) -> float:
-    """Test accuracy of a logistic regression fitted on frozen, standardised global features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    x_train, y_train = _features(encoder, train_set, device, batch_size)
-    x_test, y_test = _features(encoder, test_set, device, batch_size)
-    keep = y_train >= 0
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    probe.fit(x_train[keep], y_train[keep])
-    return float(probe.score(x_test, y_test))
-
-
-def compare_with_random_init(encoder, cfg: PretrainConfig, train_set: Dataset, test_set: Dataset,
-                             device: torch.device) -> dict[str, float]:
-    """Linear-probe accuracy of the trained encoder next to the same architecture at random init."""
-    # the training images with the deterministic test transform
-    train_plain = copy.copy(train_set)
-    train_plain.transform = test_set.transform
-    torch.manual_seed(cfg.seed)
-    random_init = type(encoder)(encoder.cfg).to(device)
-    trained = linear_probe_accuracy(encoder, train_plain, test_set, device)
-    baseline = linear_probe_accuracy(random_init, train_plain, test_set, device)
-    print(f"linear probe on frozen features: trained encoder {100 * trained:.1f}% | "
-          f"same architecture at random init {100 * baseline:.1f}%")
-    return {"final_linear_probe_acc": trained, "random_init_linear_probe_acc": baseline}
-
-
 # -- command line
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per PretrainConfig field (n_rkhs -> --n-rkhs); unset flags keep the preset's value."""
-    for field in dataclasses.fields(PretrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = field.default
-        kwargs = dict(default=None, help=f"{field.metadata['help']} (default {default!r})")
-        if field.metadata["choices"]:
-            kwargs["choices"] = field.metadata["choices"]
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif isinstance(default, tuple):
-            parser.add_argument(flag, type=int, nargs="*", metavar="EPOCH", **kwargs)
-        else:
-            parser.add_argument(flag, type=type(default), **kwargs)
-
-
-def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)
-                 if getattr(args, f.name) is not None}
-    return preset(args.preset, **overrides)
 
 
 def register(subparsers) -> None:
