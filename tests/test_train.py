@@ -123,3 +123,10 @@ def test_device_data_path_trains_like_the_loader_path(tmp_path):
         assert losses[data_path][-1] < losses[data_path][0] - 1.0, losses
         assert metrics[data_path]["test_mlp_acc"] > 0.3  # 10 classes: chance is 0.1
     assert losses["device"][-1] == pytest.approx(losses["loader"][-1], rel=0.02)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_finite(tmp_path, precision):
+    metrics = pretrain(tiny(tmp_path, epochs=1, precision=precision))
+    assert all(metrics[k] == metrics[k] and abs(metrics[k]) < 1e4
+               for k in ("loss_1t5", "loss_1t7", "loss_5t5", "score_reg", "loss"))

@@ -65,11 +65,29 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         return to_rgb(image)
 
 
+# the bytes a complete file of these formats ends with (trailing padding aside)
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def _ends_complete(path: str | os.PathLike, image_format: str | None) -> bool:
+    marker = END_MARKERS.get(image_format)
+    if marker is None:
+        return False
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 1024))
+        return f.read().rstrip(b"\x00\r\n \t").endswith(marker)
+
+
 def problem(path: str | os.PathLike) -> str | None:
-    """Why `path` cannot be used as an image, or None if it can. Decodes the whole file, JPEGs at
-    1/8 scale (the entropy-coded data is still read to the end, so truncation shows)."""
+    """Why `path` cannot be used as an image, or None if it can. A JPEG or PNG whose header
+    parses and whose file ends with its format's end marker passes without decoding (a
+    truncated file lacks the marker); anything else is decoded whole, JPEGs at 1/8 scale (the
+    entropy-coded data is still read to the end, so truncation shows). Damage in the middle of
+    a complete file is caught later, when the image is read (see _CheckedFiles)."""
     try:
         with Image.open(path) as image:
+            if _ends_complete(path, image.format):
+                return None
             image.draft(None, (1, 1))
             to_rgb(image)
     # any exception: Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error, ...
