@@ -140,8 +140,11 @@ def test_missing_path_and_file_path(tmp_path):
     with pytest.raises(DataError, match="does not exist") as error:
         build_datasets(config(tmp_path / "nowhere"))
     assert str(tmp_path / "nowhere") in str(error.value)
-    (tmp_path / "data.npz").write_bytes(b"")
+    (tmp_path / "data.txt").write_bytes(b"")
     with pytest.raises(DataError, match="is a file, not a folder"):
+        build_datasets(config(tmp_path / "data.txt"))
+    (tmp_path / "data.npz").write_bytes(b"")  # an empty (truncated) archive
+    with pytest.raises(DataError, match="not a readable .npz archive"):
         build_datasets(config(tmp_path / "data.npz"))
     with pytest.raises(DataError, match="does not exist"):
         labelled_split(str(tmp_path / "nowhere"), "train", transform=None)
@@ -259,3 +262,34 @@ def test_transparent_pixels_are_laid_on_white():
     rgba[0, 0] = (0, 0, 255, 255)  # ... and one opaque blue pixel
     rgb = np.asarray(to_rgb(Image.fromarray(rgba, "RGBA")))
     assert rgb[0, 0].tolist() == [0, 0, 255] and rgb[1, 1].tolist() == [255, 255, 255]
+
+
+def test_npz_splits_as_in_shared_data(tmp_path):
+    """--data NAME_train.npz (JPEG streams laid end to end) finds NAME_test.npz beside it."""
+    import io
+
+    import numpy as np
+
+    from amdim.config import preset
+    from amdim.data import build_datasets, labelled_split, normalisation
+
+    def write(path, n):
+        streams, labels = [], []
+        for i in range(n):
+            buffer = io.BytesIO()
+            Image.new("RGB", (32, 32), (8 * i, 100, 200)).save(buffer, "JPEG")
+            streams.append(np.frombuffer(buffer.getvalue(), np.uint8))
+            labels.append(i % 3)
+        offsets = np.cumsum([0] + [len(s) for s in streams])
+        np.savez(path, jpeg=np.concatenate(streams), offsets=offsets,
+                 labels=np.array(labels, np.int16), classes=np.array(["a", "b", "c"]))
+
+    write(tmp_path / "cifar10_jpeg_train.npz", 12)
+    write(tmp_path / "cifar10_jpeg_test.npz", 6)
+    data = str(tmp_path / "cifar10_jpeg_train.npz")
+    train, test, n_classes = build_datasets(preset("digits", data=data))
+    assert (len(train), len(test), n_classes) == (12, 6, 3)
+    (x1, x2), label = train[4]
+    assert x1.shape == (3, 32, 32) and label == 1
+    assert normalisation(data) == normalisation("cifar10")
+    assert len(labelled_split(data, "test", lambda image: image)) == 6

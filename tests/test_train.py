@@ -130,3 +130,14 @@ def test_mixed_precision_runs_finite(tmp_path, precision):
     metrics = pretrain(tiny(tmp_path, epochs=1, precision=precision))
     assert all(metrics[k] == metrics[k] and abs(metrics[k]) < 1e4
                for k in ("loss_1t5", "loss_1t7", "loss_5t5", "score_reg", "loss"))
+
+
+@pytest.mark.gpu
+def test_cuda_run_on_the_device_data_path(tmp_path):
+    """On a GPU: channels-last, torch.compile, bf16, the dataset cached on the device."""
+    metrics = pretrain(tiny(tmp_path, epochs=2, device="cuda", data_path="auto",
+                            precision="bf16", compile=True, batch_size=64, steps_per_epoch=0))
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["data_path"] == "device"
+    assert metrics["test_mlp_acc"] > 0.2
+    pretrain(tiny(tmp_path, epochs=3, device="cuda", precision="bf16", batch_size=64,
+                  steps_per_epoch=0))  # resumes on the device path

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .batch_views import BatchEvaluation, BatchViews
 from .config import PretrainConfig
-from .data import STATS, DataError
+from .data import DataError, normalisation
 from .tensor_data import EvalBatches, TrainBatches, cache_dataset, fits_in_memory
 
 log = logging.getLogger("amdim")
@@ -73,7 +73,7 @@ def make_batches(cfg: PretrainConfig, train_set: Dataset, test_set: Dataset | No
     if path == "auto":
         path = "device" if fits_in_memory(len(train_set), cfg.image_size, device) else "loader"
     if path == "device":
-        stats = STATS.get(cfg.data.lower(), STATS["imagenet"])
+        stats = normalisation(cfg.data)
         try:
             cache = cache_dataset(train_set, device)
         except DataError as error:

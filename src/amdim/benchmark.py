@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .batch_views import BatchViews
 from .config import PRESETS, PretrainConfig, preset
-from .data import STATS
+from .data import normalisation
 from .model import AMDIM
 from .tensor_data import TrainBatches, load_npz
 
@@ -150,7 +150,7 @@ def _end_to_end(cfg: PretrainConfig, step: TrainingStep, device: torch.device, d
     cache = load_npz(data, device)
     _synchronise(device)
     decode_s = time.perf_counter() - start
-    views = BatchViews(cfg.image_size, *STATS.get(cfg.data, STATS["imagenet"]))
+    views = BatchViews(cfg.image_size, *normalisation(cfg.data))
     batches = TrainBatches(cache, views, cfg.batch_size, seed=cfg.seed)
     height, width = cache.images.shape[2:]
     log.info("%s: %d images of %dx%d px decoded onto %s in %.1f s", data, len(cache), width,

@@ -36,11 +36,23 @@ STATS = {
 KNOWN = ("digits", "cifar10", "cifar100", "stl10")
 
 
+def normalisation(data: str) -> tuple[tuple, tuple]:
+    """(mean, std) for a dataset name, folder or .npz file: the dataset's own where known (a
+    folder named cifar10, or cifar10_jpeg_train.npz, counts as cifar10), else ImageNet's."""
+    name = Path(data).name.lower()
+    if name.endswith(".npz"):
+        name = name.split("_")[0]
+    return STATS.get(name, STATS["imagenet"])
+
+
 class ArrayImages(Dataset):
     """uint8 images (N, H, W, 3) in memory with int labels, served as PIL images."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable,
+                 classes: list[str] | None = None):
         self.images, self.labels, self.transform = images, labels.astype(np.int64), transform
+        if classes:
+            self.classes = classes
 
     def __len__(self) -> int:
         return len(self.images)
@@ -82,6 +94,24 @@ def _folder_split(root: Path, names: tuple[str, ...]) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
 
 
+def _npz_images(path: Path, transform: Callable) -> ArrayImages:
+    """A compact .npz split (JPEG streams laid end to end, as in shared/data) decoded once."""
+    from .tensor_data import load_npz  # tensor_data imports this module
+
+    cache = load_npz(path)  # images (N, 3, H, W) uint8 on the CPU
+    return ArrayImages(cache.images.permute(0, 2, 3, 1).numpy(), cache.labels.numpy(),
+                       transform, list(cache.classes) or None)
+
+
+def _npz_split(path: Path, split: str) -> Path | None:
+    """cifar10_jpeg_train.npz -> itself for "train"; cifar10_jpeg_test.npz or _val.npz for "test"."""
+    if split == "train":
+        return path
+    stem = path.name[:-len("_train.npz")] if path.name.endswith("_train.npz") else None
+    return next((path.with_name(f"{stem}_{s}.npz") for s in ("test", "val")
+                 if stem and path.with_name(f"{stem}_{s}.npz").is_file()), None)
+
+
 def _existing_folder(data: str) -> Path:
     root = Path(data)
     if not root.exists():
@@ -106,7 +136,7 @@ def _same_classes(train: ImageClasses, test: ImageClasses) -> None:
 def build_datasets(cfg) -> tuple[Dataset, Dataset | None, int]:
     """(pretraining set, test set or None, number of classes or 0) for a PretrainConfig."""
     name = cfg.data.lower()
-    stats = STATS.get(name, STATS["imagenet"])
+    stats = normalisation(cfg.data)
     views = TwoViews(cfg.image_size, *stats)
     test_transform = evaluation_transform(cfg.image_size, *stats)
     if name == "digits":
@@ -116,6 +146,11 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset | None, int]:
         train = _torchvision(name, cfg.data_root, True, cfg.download, views)
         test = _torchvision(name, cfg.data_root, False, cfg.download, test_transform)
         return train, test, {"cifar10": 10, "cifar100": 100, "stl10": 10}[name]
+    if name.endswith(".npz"):
+        train = _npz_images(Path(cfg.data), views)
+        test_path = _npz_split(Path(cfg.data), "test")
+        test = _npz_images(test_path, test_transform) if test_path else None
+        return train, test, len(class_names(train))
     root = _existing_folder(cfg.data)
     train_dir = _folder_split(root, ("train",))
     if train_dir is None:  # a plain folder of images: unlabelled pretraining, no probes
@@ -133,7 +168,8 @@ def labelled_split(data: str, split: str, transform: Callable, data_root: str = 
     """The labelled `split` ("train" or "test") of a dataset for evaluation; items (image, label).
 
     data: digits, cifar10, cifar100, stl10 (its 5,000 labelled training images, not the
-    unlabelled split), or a folder holding train/<class>/ and val/<class>/ (or test/<class>/),
+    unlabelled split), an NAME_train.npz file (beside NAME_test.npz or NAME_val.npz), or a
+    folder holding train/<class>/ and val/<class>/ (or test/<class>/),
     whose unreadable files are skipped (strict: raise DataError).
     """
     if split not in ("train", "test"):
@@ -149,6 +185,12 @@ def labelled_split(data: str, split: str, transform: Callable, data_root: str = 
                             "--data-root at the folder that holds it") from None
     if name in ("cifar10", "cifar100", "stl10"):
         return _torchvision(name, data_root, split == "train", download, transform)
+    if name.endswith(".npz"):
+        path = _npz_split(Path(data), split)
+        if path is None:
+            raise DataError(f"no test split beside {data}: expected a file named like "
+                            f"{Path(data).name.replace('_train', '_test')}")
+        return _npz_images(path, transform)
     root = _existing_folder(data)
     names = ("train",) if split == "train" else ("val", "test")
     folder = _folder_split(root, names)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .classifiers import Probes, clipped_cross_entropy
-from .data import STATS, DataError, class_names, labelled_split
+from .data import DataError, class_names, labelled_split, normalisation
 from .encoder import Encoder
 from .config import resolve_device
 from .extract import checkpoint_data, extract_features
@@ -194,7 +194,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_root: str | Non
     start = time.perf_counter()
     encoder, _, state = checkpoint.load_model(path)
     data, data_root = checkpoint_data(state, data, data_root)
-    size, stats = encoder.cfg.image_size, STATS.get(data.lower(), STATS["imagenet"])
+    size, stats = encoder.cfg.image_size, normalisation(data)
     plain = evaluation_transform(size, *stats)
     train_set = labelled_split(data, "train", plain, data_root, download)
     test_set = labelled_split(data, "test", plain, data_root, download)

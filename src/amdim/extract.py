@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import resolve_device
-from .data import STATS, DataError, ImageFiles, class_names, labelled_split
+from .data import STATS, DataError, ImageFiles, class_names, labelled_split, normalisation
 from .encoder import Encoder
 from .views import evaluation_transform
 
@@ -135,7 +135,7 @@ def extract(path: str, data: str | None = None, split: str = "test", out: str | 
     target = resolve_device(device)
     encoder.to(target)
     transform = evaluation_transform(encoder.cfg.image_size,
-                                     *STATS.get(data.lower(), STATS["imagenet"]))
+                                     *normalisation(data))
     root = Path(data) if Path(data).is_dir() else None
     if root is not None and not (root / "train").is_dir():
         dataset, classes = ImageFiles(root, transform), []  # a plain folder: no labels

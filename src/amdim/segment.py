@@ -23,7 +23,7 @@ from matplotlib.patches import Patch
 
 from .checkpoint import CheckpointError, is_authors, load_model
 from .config import PretrainConfig
-from .data import STATS, build_datasets
+from .data import build_datasets, normalisation
 from .encoder import Encoder
 from .mixture import MixtureHead, assignments
 
@@ -150,7 +150,7 @@ def _test_images(cfg: PretrainConfig, n_images: int) -> tuple[torch.Tensor, tupl
     dataset = test if test is not None else train
     items = [dataset[i][0] for i in range(min(n_images, len(dataset)))]
     images = torch.stack([item[0] if isinstance(item, tuple) else item for item in items])
-    return images, *STATS.get(cfg.data.lower(), STATS["imagenet"])
+    return images, *normalisation(cfg.data)
 
 
 def main(args: argparse.Namespace) -> None:

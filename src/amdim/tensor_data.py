@@ -127,7 +127,7 @@ def load_npz(path: str | os.PathLike, device: torch.device | str = "cpu",
         raise DataError(f"{path} does not exist; pass the path of a .npz dataset file")
     try:
         archive = np.load(path)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, EOFError) as error:
         raise DataError(f"{path} is not a readable .npz archive ({error})") from None
     with archive:
         missing = [k for k in NPZ_KEYS if k not in archive.files]
