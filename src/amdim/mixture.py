@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import Features
-from .nce import SCORE_PENALTY, _pick_locations, multiscale_nce, nce_task
+from .nce import SCORE_PENALTY, _pick_locations, directions, multiscale_nce, nce_task
 
 OUTPUT_INIT_SCALE = 0.1  # output layer starts at 0.1x the default init: small, but random
 
@@ -111,18 +111,9 @@ def multiscale_mixture_nce(
     """
     if head is None:
         return multiscale_nce(features_x1, features_x2, tclip, source_locations)
-    batch = features_x1.r1.shape[0]
-    if batch < 2:
-        raise ValueError("NCE needs at least 2 images per batch: the other images are the "
-                         f"negatives (got batch size {batch}); raise the batch size")
-    if source_locations is None:  # drawn as multiscale_nce draws them
-        source_locations = tuple(
-            torch.randint(0, 25, (batch,), device=features_x1.r5.device) for _ in range(2))
-    views = ((features_x1, features_x2, source_locations[0]),
-             (features_x2, features_x1, source_locations[1]))
     losses = {"loss_1t5": 0.0, "loss_1t7": 0.0, "loss_5t5": 0.0, "score_reg": 0.0}
     # summed in multiscale_nce's order, so a K = 1 identity head reproduces it bit for bit
-    for source, target, locations in views:
+    for source, target, locations in directions(features_x1, features_x2, source_locations):
         mixture = head(source.r1.flatten(1))  # (B, D, 1, 1) -> (B, D) -> (B, K, D)
         for name, maps in (("loss_1t5", target.r5), ("loss_1t7", target.r7)):
             loss, score_reg, _ = mixture_nce_task(mixture, maps, tclip, alpha)

@@ -44,6 +44,22 @@ def _pick_locations(r5: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
     return r5.flatten(2)[torch.arange(r5.shape[0], device=r5.device), :, locations]
 
 
+def directions(features_x1: Features, features_x2: Features,
+               source_locations: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[tuple[Features, Features, torch.Tensor], ...]:
+    """The two prediction directions, ((source, target, 5x5 source locations) for x1 -> x2
+    and for x2 -> x1), with the locations drawn at random when not given."""
+    batch = features_x1.r1.shape[0]
+    if batch < 2:
+        raise ValueError("NCE needs at least 2 images per batch: the other images are the "
+                         f"negatives (got batch size {batch}); raise the batch size")
+    if source_locations is None:
+        source_locations = tuple(
+            torch.randint(0, 25, (batch,), device=features_x1.r5.device) for _ in range(2))
+    return ((features_x1, features_x2, source_locations[0]),
+            (features_x2, features_x1, source_locations[1]))
+
+
 def multiscale_nce(
     features_x1: Features,
     features_x2: Features,
@@ -59,17 +75,8 @@ def multiscale_nce(
     Returns float32 scalars loss_1t5, loss_1t7, loss_5t5, score_reg; the training objective
     is their sum.
     """
-    batch = features_x1.r1.shape[0]
-    if batch < 2:
-        raise ValueError("NCE needs at least 2 images per batch: the other images are the "
-                         f"negatives (got batch size {batch}); raise the batch size")
-    if source_locations is None:
-        source_locations = tuple(
-            torch.randint(0, 25, (batch,), device=features_x1.r5.device) for _ in range(2))
-    views = ((features_x1, features_x2, source_locations[0]),
-             (features_x2, features_x1, source_locations[1]))
     losses = {"loss_1t5": 0.0, "loss_1t7": 0.0, "loss_5t5": 0.0, "score_reg": 0.0}
-    for source, target, locations in views:
+    for source, target, locations in directions(features_x1, features_x2, source_locations):
         r1 = source.r1.flatten(1)  # (B, D, 1, 1) -> (B, D)
         r5 = _pick_locations(source.r5, locations)
         for name, vectors, maps in (("loss_1t5", r1, target.r5), ("loss_1t7", r1, target.r7),

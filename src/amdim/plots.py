@@ -12,11 +12,7 @@ import math
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
 
 log = logging.getLogger("amdim")
 METRICS = "metrics.jsonl"
@@ -28,6 +24,17 @@ PANELS = (("NCE objective", "loss", lambda k: k in NCE),
           ("Throughput", "images / s", lambda k: k == "images_per_s"),
           ("Learning rate", "lr", lambda k: k == "lr"))
 AXES = ("epoch", "step")
+
+
+def _pyplot():
+    """pyplot on the Agg backend (files only, no display), imported when a plot is drawn: the
+    other commands do not need matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -63,6 +70,7 @@ def plot_curves(rows: list[dict], out: str | os.PathLike, title: str = "") -> Pa
     panels = [p for p in panels if p[2]]
     columns = min(2, len(panels))
     rows_of_panels = math.ceil(len(panels) / columns)
+    plt = _pyplot()
     figure, axes = plt.subplots(rows_of_panels, columns, squeeze=False,
                                 figsize=(6 * columns, 3.8 * rows_of_panels))
     for axis, (panel_title, y_label, keys) in zip(axes.flat, panels):
@@ -110,6 +118,7 @@ def plot_tsne(features: np.ndarray, labels: np.ndarray, out: str | os.PathLike,
         keep = np.sort(np.random.default_rng(seed).choice(len(features), max_points, replace=False))
         features, labels = features[keep], labels[keep]
     points = tsne(np.asarray(features, dtype=np.float32), seed)
+    plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7.5, 6.5))
     present = sorted(set(labels.tolist()) - {-1})
     if len(present) <= 20:  # distinct qualitative colours, in their usual order

@@ -17,9 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from .checkpoint import CheckpointError, is_authors, load_model
 from .config import PretrainConfig
@@ -87,6 +84,8 @@ def spatial_coherence(assignments: torch.Tensor) -> dict[str, float]:
 
 def _palette(n_mixtures: int) -> np.ndarray:
     """(K, 3) RGB in [0, 1]: tab10's distinct colours while they last."""
+    from matplotlib import colormaps  # only when drawing: training needs no matplotlib
+
     name = "tab10" if n_mixtures <= 10 else "tab20" if n_mixtures <= 20 else "hsv"
     cmap = colormaps[name]
     positions = np.arange(n_mixtures) if name != "hsv" else np.linspace(0, 1, n_mixtures, endpoint=False)
@@ -110,6 +109,9 @@ def _write_grid(pictures: np.ndarray, maps: dict[str, torch.Tensor], out: Path) 
     columns = [("image", pictures), ("7x7 (r7)", overlays(pictures, maps["r7"])),
                ("5x5 (r5)", overlays(pictures, maps["r5"]))]
     n_images, n_mixtures = len(pictures), maps["r7"].shape[1]
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
     # a bare Figure renders with the Agg canvas: no pyplot, no global backend switch
     figure = Figure(figsize=(1.6 * len(columns), 1.6 * n_images + 0.6))
     axes = figure.subplots(n_images, len(columns), squeeze=False)
