@@ -1,5 +1,6 @@
 """Interrupted, killed, diverging and starved runs lose nothing and explain themselves."""
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -101,6 +102,9 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 1
     metrics = pretrain(tiny(tmp_path, epochs=2))  # resumes from the intact checkpoint
     assert metrics["epoch"] == 2
+    # epoch 2's metrics line was written before the crash; the retrained epoch replaces it
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
 
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):

@@ -61,9 +61,10 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 def test_finished_run_is_not_trained_again(tmp_path):
     pretrain(tiny(tmp_path, epochs=1))
     before = checkpoint.load(tmp_path / "checkpoint.pt")["encoder"]
-    pretrain(tiny(tmp_path, epochs=1))
+    metrics = pretrain(tiny(tmp_path, epochs=1))
     after = checkpoint.load(tmp_path / "checkpoint.pt")["encoder"]
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert metrics["epoch"] == 1 and "test_linear_acc" in metrics  # the finished run's metrics
 
 
 def test_schedule_is_warmup_then_steps():

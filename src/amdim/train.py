@@ -111,6 +111,22 @@ def _explain_out_of_memory(cfg: PretrainConfig, path: Path):
             f"model; the last checkpoint {path} is kept and the run resumes from it") from None
 
 
+def _keep_metrics_until(path: Path, epoch: int) -> dict:
+    """Drop the metrics of epochs after the checkpoint's (written before a crash that lost
+    their checkpoint; they will be trained again) and torn lines; return the last kept line."""
+    if not path.exists():
+        return {}
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= epoch:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
+    return json.loads(kept[-1]) if kept else {}
+
+
 def _autocast(cfg: PretrainConfig, device: torch.device):
     if cfg.precision == "fp32":
         return nullcontext
@@ -180,7 +196,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
         else:
             log.warning("resuming with %d processes where %d saved: random streams restart",
                         world_size, len(rng))
-        if main_rank:
+        if main_rank and epoch >= cfg.epochs:
+            log.info("%s has already finished its %d epochs (pass a larger --epochs to train "
+                     "on)", path, epoch)
+        elif main_rank:
             log.info("resuming %s at epoch %d, step %d", path, epoch, step)
     if main_rank:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -226,7 +245,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
         writer = SummaryWriter(str(run_dir))
     memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    metrics: dict = {}
+    metrics = _keep_metrics_until(run_dir / "metrics.jsonl", epoch) if main_rank else {}
     skipped_batches = 0
     names = NCE_TERMS + ("loss", "probe_loss", "correct_linear", "correct_mlp", "n_labelled")
     # -- the loop
