@@ -59,7 +59,7 @@ def one_step(model, step_model, x1, x2, labels, locations):
 def worker(rank, world_size, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    distributed.setup()
+    distributed.setup("cpu")
     model = distributed.synchronise_batchnorm(build(), torch.device("cpu"))
     model.gather = distributed.gather
     ddp = torch.nn.parallel.DistributedDataParallel(model)

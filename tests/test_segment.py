@@ -10,7 +10,7 @@ from amdim import Encoder, Probes
 from amdim.checkpoint import FORMAT, CheckpointError, save_atomic
 from amdim.config import PretrainConfig
 from amdim.mixture import MixtureHead
-from amdim.segment import register, segment_images, spatial_coherence
+from amdim.segment import load_mixture_model, register, segment_images, spatial_coherence
 
 TINY = dict(data="digits", image_size=32, ndf=8, n_rkhs=64, n_depth=1, batch_size=8, workers=0)
 
@@ -52,6 +52,8 @@ def test_cli_writes_png_and_coherence(tmp_path, capsys):
 def test_checkpoint_without_mixture_is_refused(tmp_path):
     save_checkpoint(tmp_path / "plain.pth", n_mixtures=1)
     with pytest.raises(CheckpointError, match="no mixture head.*--n-mixtures"):
+        load_mixture_model(tmp_path / "plain.pth")
+    with pytest.raises(SystemExit, match="amdim segment: .*no mixture head.*--n-mixtures"):
         run_cli(tmp_path / "plain.pth", "--out", tmp_path / "maps.png")
     assert not (tmp_path / "maps.png").exists()
 

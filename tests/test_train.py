@@ -71,19 +71,25 @@ def test_schedule_is_warmup_then_steps():
     cfg = preset("cifar-small", warmup_steps=500)
     assert lr_factor(0, 250, cfg) == pytest.approx(1 / 500)
     assert lr_factor(499, 250, cfg) == 1.0
-    assert lr_factor(250 * 250 - 1, 250, cfg) == 1.0
-    assert lr_factor(250 * 250, 250, cfg) == pytest.approx(0.2)
-    assert lr_factor(250 * 280, 250, cfg) == pytest.approx(0.04)
+    # as the authors' MultiStepLR.step(epoch) at each epoch's end: the decay for milestone m
+    # starts with epoch index m + 1
+    assert lr_factor(250 * 251 - 1, 250, cfg) == 1.0
+    assert lr_factor(250 * 251, 250, cfg) == pytest.approx(0.2)
+    assert lr_factor(250 * 281, 250, cfg) == pytest.approx(0.04)
 
 
 def test_batches_resume_and_shard():
-    full = list(EpochBatches(10, 3, seed=1, epoch=2))
+    def indices(batches):
+        return [[i for _, _, i in keys] for keys in batches]
+
+    assert list(EpochBatches(10, 3, seed=1, epoch=2))[1][0][:2] == (2, 1)  # (epoch, batch, i)
+    full = indices(EpochBatches(10, 3, seed=1, epoch=2))
     assert len(full) == 3 and all(len(b) == 3 for b in full)  # the last, partial batch dropped
     assert len(set(sum(full, []))) == 9 and sum(full, []) != list(range(9))
-    assert list(EpochBatches(10, 3, seed=1, epoch=2, start=1)) == full[1:]
-    assert full != list(EpochBatches(10, 3, seed=1, epoch=3))
-    halves = [list(EpochBatches(10, 4, 1, 2, rank=r, world_size=2)) for r in (0, 1)]
-    assert [a + b for a, b in zip(*halves)] == list(EpochBatches(10, 4, 1, 2))
+    assert indices(EpochBatches(10, 3, seed=1, epoch=2, start=1)) == full[1:]
+    assert full != indices(EpochBatches(10, 3, seed=1, epoch=3))
+    halves = [indices(EpochBatches(10, 4, 1, 2, rank=r, world_size=2)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == indices(EpochBatches(10, 4, 1, 2))
 
 
 def test_cli_flags_map_onto_config(tmp_path, capsys):
@@ -142,3 +148,53 @@ def test_cuda_run_on_the_device_data_path(tmp_path):
     assert metrics["test_mlp_acc"] > 0.2
     pretrain(tiny(tmp_path, epochs=3, device="cuda", precision="bf16", batch_size=64,
                   steps_per_epoch=0))  # resumes on the device path
+
+
+@pytest.mark.parametrize("data_path, workers", [("loader", 2), ("device", 0)])
+def test_stop_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch, data_path,
+                                                             workers):
+    """Weights and every epoch's metrics equal, with worker processes building the views."""
+    import os
+    import signal
+
+    import amdim.train
+
+    settings = dict(epochs=3, data_path=data_path, workers=workers)
+    pretrain(tiny(tmp_path / "straight", **settings))
+    lr_factor = amdim.train.lr_factor
+
+    def interrupt_at_step_4(step, *args):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # handled: save at the step's end and return
+        return lr_factor(step, *args)
+
+    monkeypatch.setattr(amdim.train, "lr_factor", interrupt_at_step_4)
+    stopped = pretrain(tiny(tmp_path / "resumed", **settings))
+    assert stopped["stopped"] == "SIGINT" and stopped["step"] == 5
+    monkeypatch.setattr(amdim.train, "lr_factor", lr_factor)
+    pretrain(tiny(tmp_path / "resumed", **settings))
+    a = checkpoint.load(tmp_path / "straight" / "checkpoint.pt")
+    b = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
+    assert all(torch.equal(a["encoder"][k], b["encoder"][k]) for k in a["encoder"])
+    lines = [(tmp_path / r / "metrics.jsonl").read_text().splitlines() for r in ("straight", "resumed")]
+    drop = lambda line: {k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+    assert [drop(x) for x in lines[0]] == [drop(x) for x in lines[1]]
+
+
+def test_auto_data_path_needs_in_memory_images_of_one_size(tmp_path):
+    from PIL import Image
+
+    from amdim.batches import choose_data_path, stored_size
+    from amdim.data import build_datasets
+
+    digits_train, _, _ = build_datasets(preset("digits"))
+    assert stored_size(digits_train) == (32, 32)
+    for label in ("a", "b"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        Image.new("RGB", (40, 30)).save(tmp_path / "train" / label / "x.png")
+    folder_train, _, _ = build_datasets(preset("digits", data=str(tmp_path)))
+    assert stored_size(folder_train) is None  # sizes unknown until decoded: the loader path
+    assert choose_data_path(preset("digits", data=str(tmp_path)), folder_train,
+                            torch.device("cpu")) == "loader"
+    assert choose_data_path(preset("digits", data_path="device"), digits_train,
+                            torch.device("cpu")) == "device"

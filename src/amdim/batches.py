@@ -5,8 +5,7 @@ path "device": uint8 images cached on the training device once, views built ther
 """
 from __future__ import annotations
 
-import logging
-
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -15,14 +14,12 @@ from .config import PretrainConfig
 from .data import DataError, normalisation
 from .tensor_data import EvalBatches, TrainBatches, cache_dataset, fits_in_memory
 
-log = logging.getLogger("amdim")
 
-
-class EpochBatches(Sampler[list[int]]):
+class EpochBatches(Sampler[list[tuple[int, int, int]]]):
     """This rank's part of each global batch of the epoch's shuffled order, from global batch
-    `start`. The order depends only on (seed, epoch), so a resumed run sees the same batches,
-    and N ranks together see exactly the batches one process would (rank r takes the r-th
-    slice of each)."""
+    `start`, as keys (epoch, batch, image index). The order depends only on (seed, epoch), so a
+    resumed run sees the same batches, and N ranks together see exactly the batches one
+    process would (rank r takes the r-th slice of each)."""
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0,
                  rank: int = 0, world_size: int = 1):
@@ -34,10 +31,28 @@ class EpochBatches(Sampler[list[int]]):
             self.seed * 1_000_003 + self.epoch)).tolist()
         for batch in range(self.start, self.n // self.batch_size):  # full batches only
             first = batch * self.batch_size + self.rank * self.local
-            yield order[first:first + self.local]
+            yield [(self.epoch, batch, i) for i in order[first:first + self.local]]
 
     def __len__(self) -> int:
         return max(0, self.n // self.batch_size - self.start)
+
+
+class SeededBatches(Dataset):
+    """Serves the keys of EpochBatches: each batch's augmentation draws from torch's generator
+    seeded by (seed, epoch, batch, rank) alone, whichever worker builds it, so a run resumed
+    mid-epoch, with any number of workers, draws exactly what the uninterrupted run drew."""
+
+    def __init__(self, dataset: Dataset, seed: int, rank: int):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, keys: list[tuple[int, int, int]]) -> list:
+        epoch, batch, _ = keys[0]
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
+            torch.manual_seed(hash((self.seed, epoch, batch, self.rank)) % 2 ** 63)
+            return [self.dataset[index] for _, _, index in keys]
 
 
 class LoaderBatches:
@@ -57,38 +72,53 @@ class LoaderBatches:
         cfg = self.cfg
         batches = EpochBatches(len(self.dataset), cfg.batch_size, cfg.seed, self.epoch,
                                self.batch, self.rank, self.world_size)
-        # the workers' seeds come from this generator: a function of the run and the position
-        seed = cfg.seed + 7919 * self.epoch + 104729 * self.rank + self.batch
-        return iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=cfg.workers,
+        # a generator of its own: without one the loader draws its workers' base seed from
+        # the global generator, which would shift the model's random stream on resume
+        return iter(DataLoader(SeededBatches(self.dataset, cfg.seed, self.rank),
+                               batch_sampler=batches, num_workers=cfg.workers,
                                pin_memory=self.device.type == "cuda",
-                               generator=torch.Generator().manual_seed(seed)))
+                               generator=torch.Generator().manual_seed(cfg.seed)))
 
 
-def make_batches(cfg: PretrainConfig, train_set: Dataset, test_set: Dataset | None,
-                 device: torch.device, rank: int, world_size: int, chosen: str | None):
-    """(path, training batches, test batches or None). path "device": uint8 images cached on
-    the device once, views built there in batches (tensor_data); "loader": DataLoader workers.
-    A resumed run keeps the path it started with (`chosen`)."""
-    path = chosen or cfg.data_path
-    if path == "auto":
-        path = "device" if fits_in_memory(len(train_set), cfg.image_size, device) else "loader"
+def stored_size(dataset: Dataset) -> tuple[int, int] | None:
+    """(height, width) shared by every image of an in-memory set (digits, .npz, torchvision's
+    CIFAR and STL-10), or None (image folders: sizes unknown until decoded)."""
+    pixels = getattr(dataset, "images", getattr(dataset, "data", None))
+    if not isinstance(pixels, np.ndarray) or pixels.ndim != 4:
+        return None
+    # (N, H, W, 3) for digits, npz and CIFAR; (N, 3, H, W) for STL-10
+    return tuple(pixels.shape[1:3]) if pixels.shape[3] == 3 else tuple(pixels.shape[2:4])
+
+
+def choose_data_path(cfg: PretrainConfig, train_set: Dataset, device: torch.device) -> str:
+    """cfg.data_path, with auto resolved: the device path for an in-memory set of one image
+    size whose uint8 copy fits in half the GPU's free memory, else the loader."""
+    if cfg.data_path != "auto":
+        return cfg.data_path
+    size = stored_size(train_set)
+    fits = size is not None and fits_in_memory(len(train_set), cfg.image_size, device,
+                                               height=size[0], width=size[1])
+    return "device" if fits else "loader"
+
+
+def make_batches(cfg: PretrainConfig, path: str, train_set: Dataset, test_set: Dataset | None,
+                 device: torch.device, rank: int, world_size: int):
+    """(training batches, test batches or None) on the data path `path`."""
     if path == "device":
         stats = normalisation(cfg.data)
         try:
             cache = cache_dataset(train_set, device)
-        except DataError as error:
-            if cfg.data_path == "device" or chosen:
-                raise
-            log.info("data on the loader path: %s", error)
-            return make_batches(cfg, train_set, test_set, device, rank, world_size, "loader")
+            test_cache = None if test_set is None else cache_dataset(test_set, device)
+        except MemoryError:
+            raise DataError(f"{cfg.data} does not fit in memory decoded; use --data-path "
+                            "loader") from None
         train = TrainBatches(cache, BatchViews(cfg.image_size, *stats), cfg.batch_size,
                              seed=cfg.seed, rank=rank, world_size=world_size)
-        test = None if test_set is None else EvalBatches(
-            cache_dataset(test_set, device), BatchEvaluation(cfg.image_size, *stats),
-            cfg.batch_size)
-        return path, train, test
+        test = None if test_cache is None else EvalBatches(
+            test_cache, BatchEvaluation(cfg.image_size, *stats), cfg.batch_size)
+        return train, test
     train = LoaderBatches(train_set, cfg, device, rank, world_size)
     test = None if test_set is None else DataLoader(  # the whole test set, in order
         test_set, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
-        pin_memory=device.type == "cuda")
-    return path, train, test
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    return train, test

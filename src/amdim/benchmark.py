@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .batch_views import BatchViews
-from .config import PRESETS, PretrainConfig, preset
+from .config import PRESETS, PretrainConfig, preset, resolve_device
 from .data import normalisation
 from .model import AMDIM
 from .tensor_data import TrainBatches, load_npz
@@ -180,20 +180,19 @@ def _device_name(device: torch.device) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = resolve_device(args.device)
     overrides = {"seed": args.seed, "device": str(device)}
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     if args.precision is not None:
         overrides["precision"] = args.precision
     cfg = preset(args.preset, **overrides)
+    # by default what `amdim pretrain` runs: compiled and channels-last on CUDA
     compile = device.type == "cuda" if args.compile is None else args.compile
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     peak = args.peak_flops if args.peak_flops is not None else (
         H100_BF16_DENSE if device.type == "cuda" else None)
-    results = benchmark(cfg, device, args.steps, args.warmup, compile, args.channels_last,
+    results = benchmark(cfg, device, args.steps, args.warmup, compile, channels_last,
                         args.data, peak)
     results["preset"] = args.preset
     text = json.dumps(results, indent=2)
@@ -218,8 +217,9 @@ def register(subparsers) -> None:
                         help="autocast precision (default: the preset's, fp32)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the encoder and the loss (default: on CUDA only)")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="channels-last memory format for the encoder and its inputs")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels-last memory format for the encoder and its inputs "
+                             "(default: on CUDA only, as amdim pretrain)")
     parser.add_argument("--data", metavar="NPZ",
                         help="also time end to end on this .npz dataset, held on the device")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")

@@ -2,8 +2,11 @@
 
 Our format (a dict of tensors and plain values only):
     format: "amdim/1", config: PretrainConfig.to_dict(), n_classes: int (0: no probes),
-    encoder / probes / optimizer / scheduler: state dicts, epoch: epochs completed,
-    step: optimiser steps taken, rng: {"torch": ByteTensor, "cuda": [ByteTensor, ...]}.
+    encoder / probes / mixture_head / optimizer / scaler: state dicts (probes and
+    mixture_head None when absent), epoch: epochs completed, step_in_epoch: steps of the
+    next epoch already taken, step: optimiser steps taken, rng: one {"torch": ByteTensor,
+    "cuda": ByteTensor or None} per rank, data_path: "device" or "loader", epoch_sums: the
+    running sums of the epoch's metrics, skipped_batches: non-finite batches skipped.
 The authors' format (amdim-public): model (encoder.module.*, evaluator.*), hyperparams, cursor.
 """
 from __future__ import annotations

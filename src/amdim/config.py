@@ -21,7 +21,7 @@ def _field(default, help: str, choices: tuple | None = None):
 @dataclass(frozen=True)
 class PretrainConfig:
     # data
-    data: str = _field("digits", "digits (embedded), cifar10, cifar100, stl10, or a folder path")
+    data: str = _field("digits", "digits (embedded), cifar10, cifar100, stl10, a folder (train/<class>/, val/<class>/; no train/: unlabelled), or NAME_train.npz")
     data_root: str = _field("data", "where torchvision datasets are (or are downloaded to)")
     download: bool = _field(False, "let torchvision download cifar10/cifar100/stl10 into data_root")
     workers: int = _field(2, "data-loader worker processes (0: load in the main process)")
@@ -97,7 +97,7 @@ IMAGENET = dict(image_size=128, epochs=50, lr_milestones=(30, 45))
 PRESETS: dict[str, dict] = {
     # the embedded default: a small model on scikit-learn's digits, minutes on a CPU
     "digits": dict(data="digits", image_size=32, ndf=32, n_rkhs=256, n_depth=1, batch_size=64,
-                   epochs=6, warmup_steps=50, lr=1e-3, lr_milestones=(5,), workers=0, final_probe=True),
+                   epochs=6, warmup_steps=50, lr=1e-3, lr_milestones=(4,), workers=0, final_probe=True),
     "cifar-small": dict(CIFAR, data="cifar10", ndf=128, n_rkhs=1024, n_depth=3, batch_size=200),
     "cifar-paper": dict(CIFAR, data="cifar10", ndf=256, n_rkhs=2048, n_depth=10, batch_size=480),
     "stl10": dict(CIFAR, data="stl10", image_size=64, ndf=192, n_rkhs=1536, n_depth=8,

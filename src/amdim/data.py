@@ -36,13 +36,17 @@ STATS = {
 KNOWN = ("digits", "cifar10", "cifar100", "stl10")
 
 
-def normalisation(data: str) -> tuple[tuple, tuple]:
-    """(mean, std) for a dataset name, folder or .npz file: the dataset's own where known (a
-    folder named cifar10, or cifar10_jpeg_train.npz, counts as cifar10), else ImageNet's."""
+def dataset_name(data: str) -> str:
+    """The dataset a --data value holds: a name as is; a folder named cifar10, or
+    cifar10_jpeg_train.npz, counts as cifar10; other paths by their last component."""
     name = Path(data).name.lower()
-    if name.endswith(".npz"):
-        name = name.split("_")[0]
-    return STATS.get(name, STATS["imagenet"])
+    return name.split("_")[0] if name.endswith(".npz") else name
+
+
+def normalisation(data: str) -> tuple[tuple, tuple]:
+    """(mean, std) for a dataset name, folder or .npz file: the dataset's own where known,
+    else ImageNet's."""
+    return STATS.get(dataset_name(data), STATS["imagenet"])
 
 
 class ArrayImages(Dataset):

@@ -19,14 +19,15 @@ from torch import nn
 _features_group = None  # our collectives inside the model's backward: kept apart from DDP's
 
 
-def setup() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; joins the process group."""
+def setup(device_type: str) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; joins the process group
+    (NCCL for CUDA devices, gloo otherwise)."""
     global _features_group
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, 0
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend)
     # DDP all-reduces gradient buckets asynchronously during backward; the gathers' and batch
     # norms' collectives run in the same backward, so they get a group of their own

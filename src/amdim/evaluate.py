@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .classifiers import Probes, clipped_cross_entropy
-from .data import DataError, class_names, labelled_split, normalisation
+from .data import DataError, class_names, dataset_name, labelled_split, normalisation
 from .encoder import Encoder
 from .config import resolve_device
 from .extract import checkpoint_data, extract_features
@@ -63,7 +63,7 @@ class EvaluationConfig:
 def schedule(data: str, n_classes: int) -> tuple[int, tuple[int, ...]]:
     """(epochs, lr milestones) of the classifiers: CIFAR/STL/digits 120 (80, 110); image folders
     30 (15, 25), Places205 (a folder of 205 classes) 15 (7, 12)."""
-    if data.lower() in ("digits", "cifar10", "cifar100", "stl10"):
+    if dataset_name(data) in ("digits", "cifar10", "cifar100", "stl10"):
         return 120, (80, 110)
     return (15, (7, 12)) if n_classes == 205 else (30, (15, 25))
 
@@ -116,7 +116,10 @@ def train_probes(probes: Probes, batches, cfg: EvaluationConfig) -> None:
     cfg.lr_milestones. batches(): one epoch of (features (B, D), labels (B,))."""
     optimizer = torch.optim.Adam(probes.parameters(), lr=cfg.lr, betas=cfg.betas,
                                  eps=cfg.eps, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.lr_milestones), gamma=0.2)
+    # the authors step their scheduler with the finished epoch's index, so each decay starts
+    # one epoch after its milestone
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, [m + 1 for m in cfg.lr_milestones], gamma=0.2)
     probes.train()
     bar = tqdm(range(cfg.epochs), desc="classifiers", unit="epoch", leave=False)
     for _ in bar:

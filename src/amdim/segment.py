@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, is_authors, load_model
 from .config import PretrainConfig
-from .data import build_datasets, normalisation
+from .data import DataError, build_datasets, normalisation
 from .encoder import Encoder
 from .mixture import MixtureHead, assignments
 
@@ -156,6 +156,13 @@ def _test_images(cfg: PretrainConfig, n_images: int) -> tuple[torch.Tensor, tupl
 
 
 def main(args: argparse.Namespace) -> None:
+    try:
+        _segment(args)
+    except (ValueError, CheckpointError, DataError) as error:
+        raise SystemExit(f"amdim segment: {error}") from None
+
+
+def _segment(args: argparse.Namespace) -> None:
     if args.n_images < 2:
         raise SystemExit(f"--n-images must be at least 2 (got {args.n_images}): the other "
                          "images are the negatives that the posterior is computed against")

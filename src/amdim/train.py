@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .batches import make_batches
+from .batches import choose_data_path, make_batches
 from .config import PRESETS, PretrainConfig, add_config_flags, config_from_args, resolve_device
 from .data import DataError, build_datasets, skipped_files
 from .evaluate import compare_with_random_init
@@ -30,6 +30,9 @@ CHECKPOINT = "checkpoint.pt"
 RESUMABLE = {"epochs", "workers", "device", "run_dir", "data_root", "download", "log_every",
              "final_probe", "skip_nonfinite", "strict_data", "data_path", "compile"}
 NCE_TERMS = ("loss_1t5", "loss_1t7", "loss_5t5", "score_reg")
+# what each step adds to the epoch's sums (in the checkpoint, so a resumed epoch reports all
+# of its steps): the NCE terms, losses and probe counts, then the counted steps
+SUMS = NCE_TERMS + ("loss", "probe_loss", "correct_linear", "correct_mlp", "n_labelled", "steps")
 
 
 class TrainingError(RuntimeError):
@@ -37,10 +40,12 @@ class TrainingError(RuntimeError):
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: PretrainConfig) -> float:
-    """Linear warmup over the first warmup_steps steps, times lr_gamma per milestone passed."""
+    """Linear warmup over the first warmup_steps steps, times lr_gamma per milestone passed.
+    As in the authors' code (their scheduler is stepped with the finished epoch's index), the
+    decay for milestone m starts with epoch index m + 1."""
     warmup = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     epoch = step // steps_per_epoch
-    return warmup * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
+    return warmup * cfg.lr_gamma ** sum(epoch > m for m in cfg.lr_milestones)
 
 
 class StopOnSignal:
@@ -138,12 +143,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or resume) pretraining as configured; returns the last epoch's metrics.
     Under torchrun, every rank runs this; rank 0 alone logs and writes files."""
     # -- processes, device and seed
-    rank, world_size, local_rank = distributed.setup()
+    device = resolve_device(cfg.device)
+    rank, world_size, local_rank = distributed.setup(device.type)
     main_rank = rank == 0
     if cfg.batch_size % world_size:
         raise TrainingError(f"batch_size {cfg.batch_size} (the global batch) must be divisible "
                             f"by the {world_size} processes")
-    device = resolve_device(cfg.device)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -164,6 +169,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
     # -- model and optimiser
     model = AMDIM(cfg, n_classes).to(device)
+    if device.type == "cuda":  # convolutions run fastest on NHWC (before DDP sizes its buckets)
+        model.to(memory_format=torch.channels_last)
     step_model = model  # what the training step calls: DDP's wrapper when distributed
     if world_size > 1:
         model = distributed.synchronise_batchnorm(model, device)
@@ -177,6 +184,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.seed + rank)  # augmentations differ between ranks
     # -- resume
     epoch, step_in_epoch, step, chosen_path = 0, 0, 0, None
+    sums, skipped_batches = torch.zeros(len(SUMS), dtype=torch.float64), 0
     if path.exists():
         state = checkpoint.load(path)
         _check_same_run(state["config"], cfg, path)
@@ -188,11 +196,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
         scaler.load_state_dict(state["scaler"])
         epoch, step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["step"]
         chosen_path = state["data_path"]
+        sums, skipped_batches = state["epoch_sums"], state["skipped_batches"]
         rng = state["rng"]
         if len(rng) == world_size:  # each rank continues its own random stream
             torch.set_rng_state(rng[rank]["torch"])
             if device.type == "cuda" and rng[rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(rng[rank]["cuda"])
+                torch.cuda.set_rng_state(rng[rank]["cuda"], device)
         else:
             log.warning("resuming with %d processes where %d saved: random streams restart",
                         world_size, len(rng))
@@ -203,15 +212,18 @@ def pretrain(cfg: PretrainConfig) -> dict:
             log.info("resuming %s at epoch %d, step %d", path, epoch, step)
     if main_rank:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    data_path, train_batches, test_batches = make_batches(
-        cfg, train_set, test_set if n_classes and main_rank else None, device, rank, world_size,
-        chosen_path)
+    # a resumed run keeps its path (the two paths order batches differently); ranks agree
+    data_path = [chosen_path or choose_data_path(cfg, train_set, device)]
+    if world_size > 1:
+        torch.distributed.broadcast_object_list(data_path, src=0)
+    data_path = data_path[0]
+    train_batches, test_batches = make_batches(
+        cfg, data_path, train_set, test_set if n_classes and main_rank else None, device, rank,
+        world_size)
     if main_rank:
         log.info("data path: %s; %d steps per epoch", data_path, steps_per_epoch)
-    if device.type == "cuda":  # convolutions run fastest on NHWC; compile fuses the rest
-        model.to(memory_format=torch.channels_last)
-        if cfg.compile:
-            step_model = torch.compile(step_model)
+    if device.type == "cuda" and cfg.compile:
+        step_model = torch.compile(step_model)
 
     def save() -> None:
         rng = {"torch": torch.get_rng_state(),
@@ -229,7 +241,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                     "mixture_head": model.mixture_head.state_dict() if model.mixture_head else None,
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "rng": rngs,
-                    "data_path": data_path},
+                    "data_path": data_path, "epoch_sums": sums,
+                    "skipped_batches": skipped_batches},
                     path)
             except OSError as error:  # e.g. a full disk: save_atomic left the old file intact
                 raise TrainingError(
@@ -246,14 +259,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
         writer = SummaryWriter(str(run_dir))
     memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
     metrics = _keep_metrics_until(run_dir / "metrics.jsonl", epoch) if main_rank else {}
-    skipped_batches = 0
-    names = NCE_TERMS + ("loss", "probe_loss", "correct_linear", "correct_mlp", "n_labelled")
     # -- the loop
     with StopOnSignal() as stop, _explain_out_of_memory(cfg, path):
         while epoch < cfg.epochs:
             model.train()
             train_batches.set_epoch(epoch, step_in_epoch)
-            totals = torch.zeros(len(names), dtype=torch.float64)
             start, images_seen = time.perf_counter(), 0
             bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, disable=not main_rank,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", mininterval=1.0,
@@ -269,7 +279,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 with autocast():
                     out = step_model(x1, x2, labels)
                 zero = torch.zeros((), device=device)
-                values = torch.stack([out.get(k, zero).detach().double() for k in names]
+                values = torch.stack([out.get(k, zero).detach().double() for k in SUMS[:-1]]
                                      + [torch.tensor(float(bool(stop.requested)), device=device,
                                                      dtype=torch.float64)])
                 if world_size > 1:  # every rank takes the same decisions below
@@ -278,7 +288,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 values, stop_now = values[:-1].cpu(), values[-1].item() > 0
                 if not torch.isfinite(values).all():
                     message = (f"non-finite loss at step {step} (epoch {epoch + 1}): " + ", ".join(
-                        f"{k}={v:.4g}" for k, v in zip(names[:len(NCE_TERMS) + 1], values.tolist())))
+                        f"{k}={v:.4g}" for k, v in zip(SUMS[:len(NCE_TERMS) + 1], values.tolist())))
                     if not cfg.skip_nonfinite:
                         raise TrainingError(message + f"; the last good checkpoint is {path}. "
                                             "Lower --lr, use --precision fp32, or pass "
@@ -290,7 +300,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                     scaler.scale(out["loss"]).backward()
                     scaler.step(optimizer)
                     scaler.update()
-                    totals += values
+                    sums += torch.cat([values, torch.ones(1, dtype=torch.float64)])
                     images_seen += len(labels) * world_size
                 step_in_epoch += 1
                 step += 1
@@ -299,7 +309,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                 img_s=f"{images_seen / (time.perf_counter() - start):.0f}",
                                 lin_acc=f"{values[6] / max(values[8], 1):.3f}")
                 if writer is not None and step % cfg.log_every == 0:
-                    for name, value in zip(names[:len(NCE_TERMS) + 1], values.tolist()):
+                    for name, value in zip(SUMS[:len(NCE_TERMS) + 1], values.tolist()):
                         writer.add_scalar(f"train/{name}", value, step)
                     writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
                 if stop_now:
@@ -311,9 +321,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
                         writer.close()
                     return {**metrics, "stopped": stop.requested or "signal", "step": step}
             bar.close()
-            n = max(step_in_epoch, 1)
+            mean = dict(zip(SUMS, (sums / max(sums[-1].item(), 1)).tolist()))
             metrics = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                       **{k: totals[i].item() / n for i, k in enumerate(names[:len(NCE_TERMS) + 2])},
+                       **{k: mean[k] for k in NCE_TERMS + ("loss", "probe_loss")},
                        "images_per_s": images_seen / (time.perf_counter() - start)}
             if skipped_batches:
                 metrics["skipped_batches"] = skipped_batches
@@ -321,9 +331,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
             if bad_files:  # unreadable images left out (each named in a warning)
                 metrics["skipped_files"] = len(bad_files)
             if n_classes:
-                labelled = max(totals[8].item(), 1)
-                metrics["train_linear_acc"] = totals[6].item() / labelled
-                metrics["train_mlp_acc"] = totals[7].item() / labelled
+                labelled = max(mean["n_labelled"], 1e-12)  # (ratios of means = ratios of sums)
+                metrics["train_linear_acc"] = mean["correct_linear"] / labelled
+                metrics["train_mlp_acc"] = mean["correct_mlp"] / labelled
             if test_batches is not None:
                 metrics.update(probe_accuracy(model, test_batches, device, autocast))
             if main_rank:
@@ -334,6 +344,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                   for k, v in metrics.items()))
             epoch, step_in_epoch = epoch + 1, 0
+            sums = torch.zeros(len(SUMS), dtype=torch.float64)
             save()
     if writer is not None:
         writer.close()
@@ -368,4 +379,7 @@ def _run(args: argparse.Namespace) -> None:
         metrics = pretrain(cfg)
     except (ValueError, TrainingError, DataError, checkpoint.CheckpointError) as error:
         raise SystemExit(f"amdim pretrain: {error}") from None
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     print(json.dumps(metrics, indent=2))
