@@ -293,3 +293,11 @@ def test_npz_splits_as_in_shared_data(tmp_path):
     assert x1.shape == (3, 32, 32) and label == 1
     assert normalisation(data) == normalisation("cifar10")
     assert len(labelled_split(data, "test", lambda image: image)) == 6
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10"])
+def test_missing_torchvision_dataset_names_the_path(tmp_path, name):
+    with pytest.raises(DataError, match=f"{name} not found under {tmp_path}.*--download"):
+        build_datasets(preset("cifar-small", data=name, data_root=str(tmp_path)))
+    with pytest.raises(DataError, match=f"{name} not found under {tmp_path}"):
+        labelled_split(name, "train", transform=None, data_root=str(tmp_path))

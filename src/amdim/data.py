@@ -81,13 +81,14 @@ def digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(images[keep]), bunch.target[keep]
 
 
-def _torchvision(name: str, root: str, train: bool, download: bool, transform: Callable):
+def _torchvision(name: str, root: str, split: str, download: bool, transform: Callable):
+    """split: "pretrain" (STL-10: train+unlabeled), "train" or "test"."""
     try:
         if name == "stl10":
-            split = "train+unlabeled" if train else "test"
+            split = {"pretrain": "train+unlabeled"}.get(split, split)
             return datasets.STL10(root, split=split, download=download, transform=transform)
         cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        return cls(root, train=train, download=download, transform=transform)
+        return cls(root, train=split != "test", download=download, transform=transform)
     except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
         hint = "" if download else " or pass --download to fetch it"
         raise DataError(f"{name} not found under {Path(root).resolve()} ({error}); point "
@@ -147,8 +148,8 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset | None, int]:
         train = ArrayImages(*digits("train"), transform=views)
         return train, ArrayImages(*digits("test"), transform=test_transform), 10
     if name in ("cifar10", "cifar100", "stl10"):
-        train = _torchvision(name, cfg.data_root, True, cfg.download, views)
-        test = _torchvision(name, cfg.data_root, False, cfg.download, test_transform)
+        train = _torchvision(name, cfg.data_root, "pretrain", cfg.download, views)
+        test = _torchvision(name, cfg.data_root, "test", cfg.download, test_transform)
         return train, test, {"cifar10": 10, "cifar100": 100, "stl10": 10}[name]
     if name.endswith(".npz"):
         train = _npz_images(Path(cfg.data), views)
@@ -181,14 +182,8 @@ def labelled_split(data: str, split: str, transform: Callable, data_root: str = 
     name = data.lower()
     if name == "digits":
         return ArrayImages(*digits(split), transform=transform)
-    if name == "stl10" and split == "train":
-        try:
-            return datasets.STL10(data_root, split="train", download=download, transform=transform)
-        except RuntimeError as error:
-            raise DataError(f"stl10 not found under {Path(data_root).resolve()} ({error}); point "
-                            "--data-root at the folder that holds it") from None
     if name in ("cifar10", "cifar100", "stl10"):
-        return _torchvision(name, data_root, split == "train", download, transform)
+        return _torchvision(name, data_root, split, download, transform)
     if name.endswith(".npz"):
         path = _npz_split(Path(data), split)
         if path is None:

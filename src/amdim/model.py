@@ -13,7 +13,7 @@ from torch import nn
 from .classifiers import Probes, clipped_cross_entropy
 from .config import PretrainConfig
 from .encoder import Encoder, Features
-from .nce import multiscale_nce
+from .nce import multiscale_nce, random_locations
 
 
 class AMDIM(nn.Module):
@@ -39,8 +39,7 @@ class AMDIM(nn.Module):
             source_locations: tuple[torch.Tensor, torch.Tensor] | None = None
             ) -> dict[str, torch.Tensor]:
         if source_locations is None:  # the random 5x5 source location per image and view
-            source_locations = tuple(torch.randint(0, 25, (f1.r5.shape[0],), device=f1.r5.device)
-                                     for _ in range(2))
+            source_locations = random_locations(f1.r5.shape[0], f1.r5.device)
         if self.gather is not None:  # this rank's images -> the global batch, in rank order
             f1, f2 = (Features(*map(self.gather, f)) for f in (f1, f2))
             source_locations = tuple(self.gather(loc) for loc in source_locations)

@@ -44,6 +44,11 @@ def _pick_locations(r5: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
     return r5.flatten(2)[torch.arange(r5.shape[0], device=r5.device), :, locations]
 
 
+def random_locations(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random 5x5 source location (flat index row*5+col) per image, for each view: 2 x (B,)."""
+    return tuple(torch.randint(0, 25, (batch,), device=device) for _ in range(2))
+
+
 def directions(features_x1: Features, features_x2: Features,
                source_locations: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> tuple[tuple[Features, Features, torch.Tensor], ...]:
@@ -54,8 +59,7 @@ def directions(features_x1: Features, features_x2: Features,
         raise ValueError("NCE needs at least 2 images per batch: the other images are the "
                          f"negatives (got batch size {batch}); raise the batch size")
     if source_locations is None:
-        source_locations = tuple(
-            torch.randint(0, 25, (batch,), device=features_x1.r5.device) for _ in range(2))
+        source_locations = random_locations(batch, features_x1.r5.device)
     return ((features_x1, features_x2, source_locations[0]),
             (features_x2, features_x1, source_locations[1]))
 
