@@ -198,3 +198,10 @@ def test_auto_data_path_needs_in_memory_images_of_one_size(tmp_path):
                             torch.device("cpu")) == "loader"
     assert choose_data_path(preset("digits", data_path="device"), digits_train,
                             torch.device("cpu")) == "device"
+
+
+def test_time_limit_saves_and_stops(tmp_path):
+    stopped = pretrain(tiny(tmp_path, epochs=3, time_limit=1e-9))
+    assert stopped["stopped"] == "time limit" and stopped["step"] == 1
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 1
+    assert pretrain(tiny(tmp_path, epochs=3))["step"] == 9  # rerun without the limit: resumes

@@ -53,6 +53,7 @@ class PretrainConfig:
     precision: str = _field("fp32", "autocast precision (fp16 adds a gradient scaler)",
                             choices=("fp32", "bf16", "fp16"))
     device: str = _field("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    time_limit: float = _field(0.0, "minutes of wall time (start-up and compilation included) after which the run saves and stops at the next step; 0: none; rerunning resumes")
     compile: bool = _field(True, "torch.compile the model on CUDA (not on CPU, where compiling costs more than it saves)")
     seed: int = _field(0, "seeds weights, shuffling, augmentation and NCE source locations")
     run_dir: str = _field("runs/amdim", "checkpoint, config.json, metrics.jsonl, TensorBoard events; an existing run there is resumed")

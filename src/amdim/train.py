@@ -28,7 +28,7 @@ log = logging.getLogger("amdim")
 CHECKPOINT = "checkpoint.pt"
 # settings a resumed run may change; every other field must equal the saved run's
 RESUMABLE = {"epochs", "workers", "device", "run_dir", "data_root", "download", "log_every",
-             "final_probe", "skip_nonfinite", "strict_data", "data_path", "compile"}
+             "final_probe", "skip_nonfinite", "strict_data", "data_path", "compile", "time_limit"}
 NCE_TERMS = ("loss_1t5", "loss_1t7", "loss_5t5", "score_reg")
 # what each step adds to the epoch's sums (in the checkpoint, so a resumed epoch reports all
 # of its steps): the NCE terms, losses and probe counts, then the counted steps
@@ -143,6 +143,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or resume) pretraining as configured; returns the last epoch's metrics.
     Under torchrun, every rank runs this; rank 0 alone logs and writes files."""
     # -- processes, device and seed
+    started = time.perf_counter()
     device = resolve_device(cfg.device)
     rank, world_size, local_rank = distributed.setup(device.type)
     main_rank = rank == 0
@@ -273,6 +274,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                     break
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * lr_factor(step, steps_per_epoch, cfg)
+                if cfg.time_limit and time.perf_counter() - started > 60 * cfg.time_limit:
+                    stop.requested = stop.requested or "time limit"
                 x1, x2 = (x.to(device, non_blocking=True, memory_format=memory_format)
                           for x in (x1, x2))
                 labels = labels.to(device, non_blocking=True)
