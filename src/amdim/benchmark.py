@@ -29,9 +29,9 @@ from .config import PRESETS, PretrainConfig, preset, resolve_device
 from .data import normalisation
 from .model import AMDIM
 from .tensor_data import TrainBatches, load_npz
+from .train import autocast_for, optimiser_for
 
 H100_BF16_DENSE = 989e12  # FLOP/s: H100 SXM bf16 dense tensor-core peak (no sparsity)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 N_CLASSES = 10  # outputs of the online probes timed with the step (their cost is tiny)
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,8 @@ class TrainingStep:
         self.model = AMDIM(cfg, n_classes).to(device)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.optimiser = torch.optim.Adam(
-            self.model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        self.optimiser = optimiser_for(cfg, self.model, device)
+        self.autocast = autocast_for(cfg, device)
         self.step_model = torch.compile(self.model) if compile else self.model
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
@@ -63,8 +62,7 @@ class TrainingStep:
         if self.channels_last:
             view1 = view1.contiguous(memory_format=torch.channels_last)
             view2 = view2.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, DTYPES.get(self.cfg.precision, torch.float32),
-                            enabled=self.cfg.precision in DTYPES):
+        with self.autocast():
             loss = (model or self.step_model)(view1, view2, labels)["loss"]
         self.optimiser.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

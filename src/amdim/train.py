@@ -132,11 +132,20 @@ def _keep_metrics_until(path: Path, epoch: int) -> dict:
     return json.loads(kept[-1]) if kept else {}
 
 
-def _autocast(cfg: PretrainConfig, device: torch.device):
+def autocast_for(cfg: PretrainConfig, device: torch.device):
+    """A factory of the autocast context of cfg.precision (a no-op for fp32)."""
     if cfg.precision == "fp32":
         return nullcontext
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def optimiser_for(cfg: PretrainConfig, model: torch.nn.Module, device: torch.device
+                  ) -> torch.optim.Adam:
+    """The authors' Adam over every trained parameter (fused kernels on CUDA)."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -154,7 +163,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    autocast = _autocast(cfg, device)
+    autocast = autocast_for(cfg, device)
     # -- run folder
     run_dir = Path(cfg.run_dir)
     path = run_dir / CHECKPOINT
@@ -178,9 +187,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         model.gather = distributed.gather
         step_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                 eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                                 fused=device.type == "cuda")
+    optimizer = optimiser_for(cfg, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     torch.manual_seed(cfg.seed + rank)  # augmentations differ between ranks
     # -- resume
