@@ -30,12 +30,10 @@ from typing import Sequence
 
 import torch
 
+from .encoder import IMAGE_SIZES
+from .views import CROP_RATIO, CROP_SCALE, EVAL_RESIZE, JITTER, MAX_TRANSLATION, hue_jitter
+
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") in the CPU path
-IMAGE_SIZES = (32, 64, 128)
-EVAL_RESIZE = {32: 32, 64: 70, 128: 146}  # shorter side before the centre crop (views.py)
-MAX_TRANSLATION = 4  # px, 32 px views
-CROP_SCALE = (0.3, 1.0)  # fraction of the image area, 64/128 px views
-CROP_RATIO = (0.7, 1.4)  # width / height
 CROP_TRIES = 10  # torchvision's RandomResizedCrop.get_params
 
 
@@ -248,7 +246,7 @@ class BatchViews:
             raise ValueError(f"mean and std need 3 values (RGB), std > 0; got {mean}, {std}")
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
-        self.hue = 0.1 if image_size == 128 else 0.2  # max hue shift, turns
+        self.hue = hue_jitter(image_size)  # max hue shift, turns
         self.flip_p, self.translate_p = flip_p, translate_p
         self.jitter_p, self.grayscale_p = jitter_p, grayscale_p
 
@@ -278,7 +276,7 @@ class BatchViews:
             boxes = sample_crop_boxes(batch, images.shape[2], images.shape[3], generator, device)
             x = resized_crop(images.float() / 255, *boxes, size)
         jitter = torch.rand(batch, generator=generator, device=device) < self.jitter_p
-        factors = _uniform((3, batch), 0.6, 1.4, generator, device)  # 1 +- 0.4
+        factors = _uniform((3, batch), 1 - JITTER, 1 + JITTER, generator, device)
         hue = _uniform((batch,), -self.hue, self.hue, generator, device)
         order = torch.rand((batch, 4), generator=generator, device=device).argsort(1)
         if self.jitter_p > 0:  # (the draws above keep the random stream the same either way)

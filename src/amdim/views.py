@@ -15,6 +15,17 @@ from PIL import Image
 from torchvision import transforms as T
 
 BICUBIC = T.InterpolationMode.BICUBIC
+# the authors' settings; batch_views.py builds the same views on tensors from these
+MAX_TRANSLATION = 4  # px, 32 px views
+CROP_SCALE = (0.3, 1.0)  # fraction of the image area, 64/128 px views
+CROP_RATIO = (0.7, 1.4)  # width / height
+JITTER = 0.4  # brightness, contrast and saturation
+EVAL_RESIZE = {32: 32, 64: 70, 128: 146}  # shorter side before the centre crop
+
+
+def hue_jitter(image_size: int) -> float:
+    """Maximum hue shift (in turns): 0.1 at 128 px, 0.2 below."""
+    return 0.1 if image_size == 128 else 0.2
 
 
 class RandomTranslateWithReflect:
@@ -51,14 +62,13 @@ def _to_tensor(mean: tuple, std: tuple) -> T.Compose:
 
 def augmentation(image_size: int, mean: tuple, std: tuple) -> T.Compose:
     """The per-view random augmentation (after the shared flip): PIL RGB -> (3, S, S) float."""
-    hue = 0.1 if image_size == 128 else 0.2
     if image_size == 32:
-        geometric = [Fit(32), T.RandomApply([RandomTranslateWithReflect(4)], p=0.8)]
+        geometric = [Fit(32), T.RandomApply([RandomTranslateWithReflect(MAX_TRANSLATION)], p=0.8)]
     else:
-        geometric = [T.RandomResizedCrop(image_size, scale=(0.3, 1.0), ratio=(0.7, 1.4),
+        geometric = [T.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO,
                                          interpolation=BICUBIC)]
     return T.Compose(geometric + [
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, hue)], p=0.8),
+        T.RandomApply([T.ColorJitter(JITTER, JITTER, JITTER, hue_jitter(image_size))], p=0.8),
         T.RandomGrayscale(p=0.25),
         _to_tensor(mean, std),
     ])
@@ -69,8 +79,8 @@ def evaluation_transform(image_size: int, mean: tuple, std: tuple) -> T.Compose:
     if image_size == 32:
         geometric = [Fit(32)]
     else:
-        resize = {64: 70, 128: 146}[image_size]
-        geometric = [T.Resize(resize, interpolation=BICUBIC), T.CenterCrop(image_size)]
+        geometric = [T.Resize(EVAL_RESIZE[image_size], interpolation=BICUBIC),
+                     T.CenterCrop(image_size)]
     return T.Compose(geometric + [_to_tensor(mean, std)])
 
 
