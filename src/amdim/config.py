@@ -108,6 +108,14 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def milestone_factor(epoch: int, milestones: tuple[int, ...], gamma: float) -> float:
+    """The step decay of the learning rate at `epoch` (0-based): gamma per milestone passed.
+    As in the authors' code (their MultiStepLR is stepped with the finished epoch's index),
+    the decay of milestone m takes effect from epoch index m + 1. Used by pretraining and by
+    the evaluation classifiers alike."""
+    return gamma ** sum(epoch > m for m in milestones)
+
+
 def preset(name: str, **overrides) -> PretrainConfig:
     """The named preset with any field overridden."""
     if name not in PRESETS:

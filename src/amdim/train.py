@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .batches import choose_data_path, make_batches
-from .config import PRESETS, PretrainConfig, add_config_flags, config_from_args, resolve_device
+from .config import (PRESETS, PretrainConfig, add_config_flags, config_from_args,
+                     milestone_factor, resolve_device)
 from .data import DataError, build_datasets, skipped_files
 from .evaluate import compare_with_random_init
 from .model import AMDIM
@@ -40,12 +41,9 @@ class TrainingError(RuntimeError):
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: PretrainConfig) -> float:
-    """Linear warmup over the first warmup_steps steps, times lr_gamma per milestone passed.
-    As in the authors' code (their scheduler is stepped with the finished epoch's index), the
-    decay for milestone m starts with epoch index m + 1."""
+    """Linear warmup over the first warmup_steps steps, times the step decay of the epoch."""
     warmup = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    epoch = step // steps_per_epoch
-    return warmup * cfg.lr_gamma ** sum(epoch > m for m in cfg.lr_milestones)
+    return warmup * milestone_factor(step // steps_per_epoch, cfg.lr_milestones, cfg.lr_gamma)
 
 
 class StopOnSignal:
