@@ -82,6 +82,15 @@ def test_init_is_the_authors_fixup_style():
     assert torch.isfinite(encoder(x).r1).all()
 
 
+def test_64px_encoder_builds_and_draws_only_its_own_stem():
+    torch.manual_seed(0)
+    encoder = Encoder(EncoderConfig(image_size=64, **TINY))
+    torch.manual_seed(0)
+    stem = torch.nn.Conv2d(3, 8, 3)  # the first module built: nothing drawn before it
+    assert encoder.layer_list[0].conv.weight.shape == (8, 3, 3, 3)
+    assert torch.equal(encoder.layer_list[0].conv.weight, stem.weight)
+
+
 def test_gradients_reach_every_parameter():
     encoder = Encoder(EncoderConfig(image_size=32, use_bn=True, **TINY))
     optimiser = torch.optim.Adam(encoder.parameters(), lr=1e-3)

@@ -172,9 +172,10 @@ def _trunk(cfg: EncoderConfig) -> tuple[list[nn.Module], int, int]:
     else:
         # 64 -> 62 -> 30 -> 14 -> 7 -> 7 -> 5 -> 3 -> 1 (128 px: a 5x5/2 reflect-padded stem
         # first takes 128 -> 64)
-        stem = [Conv3x3(3, ndf, 5, 2, 2, "reflect"), Conv3x3(ndf, ndf, 3, 1, 0)]
         if cfg.image_size == 64:
             stem = [Conv3x3(3, ndf, 3, 1, 0)]
+        else:
+            stem = [Conv3x3(3, ndf, 5, 2, 2, "reflect"), Conv3x3(ndf, ndf, 3, 1, 0)]
         down = [ConvResBlock(ndf, ndf * 2, 4, 2, 0, depth, bn),
                 ConvResBlock(ndf * 2, ndf * 4, 4, 2, 0, depth, bn),
                 ConvResBlock(ndf * 4, ndf * 8, 2, 2, 0, depth, bn)]
