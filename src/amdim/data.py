@@ -23,6 +23,7 @@ from torchvision import datasets
 # DataError and the folder datasets live with the file reading; their users import them from here
 from .images import (IMAGE_EXTENSIONS, DataError, ImageClasses,  # noqa: F401
                      ImageFiles, skipped_files)
+from .tensor_data import load_npz
 from .views import TwoViews, evaluation_transform
 
 # per-dataset normalisation (mean, std), the authors' values where they give them
@@ -101,8 +102,6 @@ def _folder_split(root: Path, names: tuple[str, ...]) -> Path | None:
 
 def _npz_images(path: Path, transform: Callable) -> ArrayImages:
     """A compact .npz split (JPEG streams laid end to end, as in shared/data) decoded once."""
-    from .tensor_data import load_npz  # tensor_data imports this module
-
     cache = load_npz(path)  # images (N, 3, H, W) uint8 on the CPU
     return ArrayImages(cache.images.permute(0, 2, 3, 1).numpy(), cache.labels.numpy(),
                        transform, list(cache.classes) or None)

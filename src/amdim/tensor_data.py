@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from .batch_views import BatchEvaluation, BatchViews
-from .data import DataError
+from .images import DataError
 
 NPZ_KEYS = ("jpeg", "offsets", "labels")  # required; "classes" is optional
 DECODE_CHUNK = 512  # images per decoding task
