@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .batch_order import batch_indices, derive_seed
 from .batch_views import BatchEvaluation, BatchViews
 from .config import PretrainConfig
 from .data import DataError, normalisation
@@ -16,22 +17,19 @@ from .tensor_data import EvalBatches, TrainBatches, cache_dataset, fits_in_memor
 
 
 class EpochBatches(Sampler[list[tuple[int, int, int]]]):
-    """This rank's part of each global batch of the epoch's shuffled order, from global batch
-    `start`, as keys (epoch, batch, image index). The order depends only on (seed, epoch), so a
-    resumed run sees the same batches, and N ranks together see exactly the batches one
-    process would (rank r takes the r-th slice of each)."""
+    """This rank's part of each global batch of epoch `epoch` (batch_order.batch_indices), from
+    global batch `start` on, as keys (epoch, batch, image index) for SeededBatches."""
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0,
                  rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
-        self.rank, self.local = rank, batch_size // world_size
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
-            self.seed * 1_000_003 + self.epoch)).tolist()
-        for batch in range(self.start, self.n // self.batch_size):  # full batches only
-            first = batch * self.batch_size + self.rank * self.local
-            yield [(self.epoch, batch, i) for i in order[first:first + self.local]]
+        rows = batch_indices(self.n, self.batch_size, self.seed, self.epoch, self.rank,
+                             self.world_size)  # (batches, batch_size // world_size)
+        for batch in range(self.start, len(rows)):
+            yield [(self.epoch, batch, i) for i in rows[batch].tolist()]
 
     def __len__(self) -> int:
         return max(0, self.n // self.batch_size - self.start)
@@ -39,8 +37,9 @@ class EpochBatches(Sampler[list[tuple[int, int, int]]]):
 
 class SeededBatches(Dataset):
     """Serves the keys of EpochBatches: each batch's augmentation draws from torch's generator
-    seeded by (seed, epoch, batch, rank) alone, whichever worker builds it, so a run resumed
-    mid-epoch, with any number of workers, draws exactly what the uninterrupted run drew."""
+    seeded by derive_seed(seed, epoch, batch, rank) alone, whichever worker builds it, so a
+    run resumed mid-epoch, with any number of workers, draws exactly what the uninterrupted
+    run drew."""
 
     def __init__(self, dataset: Dataset, seed: int, rank: int):
         self.dataset, self.seed, self.rank = dataset, seed, rank
@@ -51,7 +50,7 @@ class SeededBatches(Dataset):
     def __getitems__(self, keys: list[tuple[int, int, int]]) -> list:
         epoch, batch, _ = keys[0]
         with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
-            torch.manual_seed(hash((self.seed, epoch, batch, self.rank)) % 2 ** 63)
+            torch.manual_seed(derive_seed(self.seed, epoch, batch, self.rank))
             return [self.dataset[index] for _, _, index in keys]
 
 

@@ -7,11 +7,9 @@ shuffled batches of views built on the device (batch_views.py), as airbench does
         batches.set_epoch(epoch)
         for (view1, view2), labels in batches: ...
 
-Every random draw of an epoch is a function of (seed, epoch, batch index): the permutation
-comes from a generator seeded with (seed, epoch), the views of batch k from one seeded with
-(seed, epoch, k). Resuming is exact from the epoch number alone (set_epoch(epoch)); from the
-middle of an epoch, also pass the number of batches already taken (set_epoch(epoch, batch)).
-state_dict() holds exactly these: {"seed", "epoch", "batch"}.
+Batches and the seeds of their views follow batch_order, as on the DataLoader path, so
+resuming is exact from the epoch number alone (set_epoch(epoch)); from the middle of an epoch,
+also pass the number of batches already taken (set_epoch(epoch, batch)).
 """
 from __future__ import annotations
 
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .batch_order import batch_indices, derive_seed
 from .batch_views import BatchEvaluation, BatchViews
 from .images import DataError
 
@@ -158,11 +157,19 @@ def cache_dataset(dataset, device: torch.device | str = "cpu",
     """Decode a map-style dataset of (PIL image or uint8 (H, W, 3) array, label) once into an
     ImageCache on `device`. A `transform` attribute (torchvision's datasets, amdim.data's) is
     bypassed while decoding, so the datasets of data.build_datasets(cfg) can be passed as
-    they are. All images must share one size."""
+    they are. All images must share one size. A dataset that holds its decoded pixels as
+    `images` uint8 (N, H, W, 3) and `labels` (N,) (data.ArrayImages: digits, .npz) is copied
+    as it is rather than read back image by image."""
     n = len(dataset)
     if n == 0:
         raise DataError("the dataset is empty; nothing to cache")
     where = type(dataset).__name__
+    pixels, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
+    if (isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.ndim == 4
+            and pixels.shape[0] == n and pixels.shape[3] == 3 and labels is not None):
+        images = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))  # (N, H, W, 3) -> (N, 3, H, W)
+        return _to_device(images, np.asarray(labels, dtype=np.int64), device,
+                          getattr(dataset, "classes", ()), where)
     has_transform = getattr(dataset, "transform", None) is not None
     saved = getattr(dataset, "transform", None)
 
@@ -188,49 +195,28 @@ def cache_dataset(dataset, device: torch.device | str = "cpu",
     return _to_device(images, labels, device, getattr(dataset, "classes", ()), where)
 
 
-def cache_arrays(images: np.ndarray, labels: np.ndarray, device: torch.device | str = "cpu",
-                 classes: tuple[str, ...] = ()) -> ImageCache:
-    """uint8 images (N, H, W, 3) and labels (N,) in memory (e.g. data.digits("train")) ->
-    ImageCache on `device`."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-        raise DataError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
-    images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    return _to_device(images, np.asarray(labels, dtype=np.int64), device, classes, "arrays")
-
-
-def _seed(*values: int) -> int:
-    """A 63-bit generator seed mixed from integers (numpy's SeedSequence)."""
-    return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0]) >> 1
-
-
 class TrainBatches:
-    """Shuffled batches ((view1, view2), labels) of an ImageCache, views built on its device.
-
-    Each epoch is a fresh permutation; with drop_last the last partial batch is skipped (NCE
-    wants full batches). Randomness depends only on (seed, epoch, batch index): see the
-    module docstring for exact resume. Under distributed training every rank holds the whole
-    cache and takes the rank-th slice of each global batch of batch_size images (the
-    permutation is shared; each rank draws its own views).
-    """
+    """Shuffled full batches ((view1, view2), labels) of an ImageCache, views built on its
+    device; which images and which random draws follow batch_order. Under distributed
+    training every rank holds the whole cache and takes its slice of each global batch of
+    batch_size images. Iterating again goes on where the last iteration stopped: the next
+    epoch after a whole one."""
 
     def __init__(self, cache: ImageCache, views: BatchViews, batch_size: int, seed: int = 0,
-                 drop_last: bool = True, rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1):
         if batch_size < 1 or batch_size % world_size or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 divisible by world_size and 0 <= rank < "
                              f"world_size; got {batch_size}, {rank}, {world_size}")
-        if drop_last and len(cache) < batch_size:
+        if len(cache) < batch_size:
             raise DataError(f"the dataset has {len(cache)} images, fewer than one batch of "
-                            f"{batch_size}: lower the batch size or pass drop_last=False")
+                            f"{batch_size}: lower the batch size")
         self.cache, self.views, self.batch_size = cache, views, batch_size
-        self.seed, self.drop_last, self.rank = seed, drop_last, rank
-        self.local = batch_size // world_size  # this rank's images per batch
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch, self.batch = 0, 0
         self.generator = torch.Generator(device=cache.images.device)
 
     def __len__(self) -> int:
-        n = len(self.cache)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self.cache) // self.batch_size
 
     def set_epoch(self, epoch: int, batch: int = 0) -> None:
         """Serve epoch `epoch` next, starting after its first `batch` batches."""
@@ -238,26 +224,16 @@ class TrainBatches:
             raise ValueError(f"need epoch >= 0 and 0 <= batch <= {len(self)}, got {epoch}, {batch}")
         self.epoch, self.batch = (epoch + 1, 0) if batch == len(self) else (epoch, batch)
 
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed = int(state["seed"])
-        self.set_epoch(int(state["epoch"]), int(state["batch"]))
-
     def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
-        epoch, start, device = self.epoch, self.batch, self.cache.images.device
-        self.generator.manual_seed(_seed(self.seed, epoch))
-        order = torch.randperm(len(self.cache), generator=self.generator, device=device)
-        for k in range(start, len(self)):
-            first = k * self.batch_size + self.rank * self.local
-            index = order[first:first + self.local]
-            self.generator.manual_seed(_seed(self.seed, epoch, k + 1, self.rank))
-            views = self.views(self.cache.images[index], self.generator)
-            # the state a checkpoint written after this batch must hold: the next batch
-            last = k + 1 == len(self)
-            self.epoch, self.batch = (epoch + 1, 0) if last else (epoch, k + 1)
-            yield views, self.cache.labels[index]
+        epoch, start, images = self.epoch, self.batch, self.cache.images
+        # (batches, batch_size // world_size), copied to the device once per epoch
+        rows = batch_indices(len(images), self.batch_size, self.seed, epoch, self.rank,
+                             self.world_size).to(images.device)
+        for k in range(start, len(rows)):
+            self.generator.manual_seed(derive_seed(self.seed, epoch, k, self.rank))
+            views = self.views(images[rows[k]], self.generator)
+            self.set_epoch(epoch, k + 1)  # so that iterating again goes on after this batch
+            yield views, self.cache.labels[rows[k]]
 
 
 class EvalBatches:
