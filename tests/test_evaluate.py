@@ -74,15 +74,17 @@ def snapshot(encoder):
     return {k: v.clone() for k, v in encoder.state_dict().items()}
 
 
+@pytest.mark.parametrize("data_path", ["loader", "device"])
 @pytest.mark.parametrize("mode", ["features", "full"])
-def test_evaluate_leaves_encoder_weights_and_batch_norm_statistics_unchanged(tiny_digits, mode):
+def test_evaluate_leaves_encoder_weights_and_batch_norm_statistics_unchanged(tiny_digits, mode,
+                                                                             data_path):
     encoder = bn_encoder()
     before = snapshot(encoder)
     assert any("running_mean" in k for k in before) and any("num_batches_tracked" in k for k in before)
     cfg = EvaluationConfig(mode=mode, epochs=2, lr_milestones=(1,), batch_size=32, workers=0,
-                           device="cpu", knn_k=20)
+                           device="cpu", knn_k=20, data_path=data_path)
     train, test, augmented = tiny_digits
-    results = evaluate.evaluate(encoder, train, test, 10, cfg, augmented)
+    results = evaluate.evaluate(encoder, train, test, 10, cfg, augmented, STATS["digits"])
     after = encoder.state_dict()
     assert before.keys() == after.keys()
     for name, value in before.items():
@@ -90,6 +92,30 @@ def test_evaluate_leaves_encoder_weights_and_batch_norm_statistics_unchanged(tin
     assert set(results) == {f"{c}_top{k}" for c in ("linear", "mlp", "knn") for k in (1, 5)}
     assert all(0 <= v <= 1 for v in results.values())
     assert results["knn_top1"] > 0.3  # digits are easy even for a random encoder
+
+
+def test_features_mode_gives_the_same_results_on_both_data_paths(tiny_digits):
+    """At 32 px the device path's batch transform equals the PIL one, and the classifiers are
+    seeded after the features are read: the data path changes nothing."""
+    encoder = bn_encoder()
+    results = [evaluate.evaluate(encoder, *tiny_digits[:2], 10, EvaluationConfig(
+        mode="features", epochs=2, lr_milestones=(0,), batch_size=32, workers=0, device="cpu",
+        knn_k=20, data_path=path), stats=STATS["digits"]) for path in ("loader", "device")]
+    assert results[0] == results[1]
+
+
+def test_evaluate_command_records_schedule_precision_and_data_path(tmp_path):
+    path = our_checkpoint(tmp_path / "checkpoint.pt", data="digits", n_classes=10)
+    out = tmp_path / "results.json"
+    run_cli("evaluate", path, "--mode", "features", "--schedule", "places205", "--epochs", "1",
+            "--data-path", "device", "--precision", "fp32", "--device", "cpu", "--out", out)
+    report = json.loads(out.read_text())
+    assert report["schedule"] == "places205" and report["lr_milestones"] == [7, 12]
+    assert report["epochs"] == 1
+    assert (report["data_path"], report["precision"], report["device"]) == ("device", "fp32", "cpu")
+    assert report["n_train"] == 1437 and 0 <= report["knn_top1"] <= 1
+    with pytest.raises(SystemExit):  # argparse: not a schedule
+        run_cli("evaluate", path, "--schedule", "places")
 
 
 def test_evaluate_fails_if_the_encoder_changes(tiny_digits):
@@ -151,11 +177,41 @@ def test_features_cover_the_whole_test_set_in_order(tiny_digits):
     torch.testing.assert_close(out["features"][[0, 59]], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_schedules():
-    assert evaluate.schedule("cifar10", 10) == (120, (80, 110))
-    assert evaluate.schedule("STL10", 10) == (120, (80, 110))
-    assert evaluate.schedule("/data/imagenet", 1000) == (30, (15, 25))
-    assert evaluate.schedule("/data/places205", 205) == (15, (7, 12))
+def test_schedules_default_from_the_data_not_the_class_count():
+    for data, name in (("cifar10", "cifar"), ("STL10", "cifar"), ("digits", "cifar"),
+                       ("shared/data/cifar100_jpeg_train.npz", "cifar"),
+                       ("/data/imagenet", "imagenet"), ("/data/places205", "imagenet")):
+        assert evaluate.default_schedule(data) == name, data
+    schedule = lambda data, **given: evaluate.with_schedule(EvaluationConfig(**given), data)
+    assert (schedule("cifar10").epochs, schedule("cifar10").lr_milestones) == (120, (80, 110))
+    assert (schedule("/data/imagenet").epochs, schedule("x").lr_milestones) == (30, (15, 25))
+    places = schedule("/data/places205", schedule="places205")
+    assert (places.schedule, places.epochs, places.lr_milestones) == ("places205", 15, (7, 12))
+    mine = schedule("cifar10", schedule="imagenet", epochs=3, lr_milestones=())
+    assert (mine.schedule, mine.epochs, mine.lr_milestones) == ("imagenet", 3, ())
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        EvaluationConfig(schedule="places")
+
+
+def test_classifier_lr_follows_the_pretraining_rule_and_the_authors_schedule(monkeypatch):
+    """The lr of each epoch is the authors' MultiStepLR([m + 1 ...], 0.2) stepped per epoch."""
+    cfg = EvaluationConfig(epochs=8, lr_milestones=(2, 5), lr=1.0)
+    seen = []
+
+    def record(probes, optimizer, batches):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return torch.zeros(())
+
+    monkeypatch.setattr(evaluate, "train_epoch", record)
+    evaluate.train_probes(Probes(4, 2), lambda: [], cfg)
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(reference, [3, 6], gamma=0.2)
+    expected = []
+    for _ in range(8):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        scheduler.step()
+    assert seen == pytest.approx(expected, rel=1e-12) and seen[3] == pytest.approx(0.2)
 
 
 def test_evaluate_command_on_our_checkpoint_writes_json_beside_it(tmp_path, capsys):
@@ -166,6 +222,7 @@ def test_evaluate_command_on_our_checkpoint_writes_json_beside_it(tmp_path, caps
     report = json.loads((tmp_path / "checkpoint.eval-features.json").read_text())
     assert report["n_train"] == 12 and report["n_test"] == 6 and report["n_classes"] == 2
     assert report["epochs"] == 3 and report["lr_milestones"] == [2] and report["mode"] == "features"
+    assert report["schedule"] == "imagenet"
     assert report["knn_top1"] == 1.0  # the two classes differ in brightness
     assert report["linear_top5"] == 1.0  # top-5 of 2 classes
     printed = capsys.readouterr().out
@@ -176,9 +233,12 @@ def test_evaluate_command_full_mode_with_default_schedule_override(tmp_path):
     folder = image_folder(tmp_path / "images", size=40)
     path = our_checkpoint(tmp_path / "checkpoint.pt", data=folder)
     out = tmp_path / "results.json"
-    run_cli("evaluate", path, "--mode", "full", "--epochs", "1", "--workers", "0", "--out", out)
+    run_cli("evaluate", path, "--mode", "full", "--epochs", "1", "--workers", "0", "--out", out,
+            "--device", "cpu")
     report = json.loads(out.read_text())
     assert report["mode"] == "full" and report["lr_milestones"] == [15, 25]  # folder schedule
+    assert report["schedule"] == "imagenet" and report["epochs"] == 1
+    assert (report["device"], report["precision"], report["data_path"]) == ("cpu", "fp32", "loader")
 
 
 def test_evaluate_command_explains_bad_input(tmp_path):

@@ -34,11 +34,12 @@ def run_cli(*argv):
     args.func(args)
 
 
-def test_cli_writes_png_and_coherence(tmp_path, capsys):
+@pytest.mark.parametrize("device", ["auto", "cpu"])  # auto: on CUDA where there is one
+def test_cli_writes_png_and_coherence(tmp_path, capsys, device):
     save_checkpoint(tmp_path / "model.pth", n_mixtures=3)
     out = tmp_path / "maps.png"
     run_cli(tmp_path / "model.pth", "--data", "digits", "--out", out, "--n-images", 4,
-            "--spatial-coherence")
+            "--spatial-coherence", "--device", device)
     pixels = imread(out)
     assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 150
     assert pixels[..., :3].std() > 0.05  # images and colours, not a blank canvas

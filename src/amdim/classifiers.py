@@ -1,9 +1,12 @@
-"""Linear and MLP classifiers on frozen global features, and the authors' clipped loss.
+"""Classifiers on frozen global features: the authors' linear and MLP classifiers, their
+clipped loss and one training epoch of them; the weighted kNN classifier.
 
 Layer names follow the authors' Evaluator (block_glb_mlp / block_glb_lin with a
 `block_forward` Sequential) so that their checkpoints' `evaluator.*` weights load unchanged.
 """
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -61,3 +64,47 @@ def clipped_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     n_labelled = (labels >= 0).sum().clamp(min=1)
     xent = F.cross_entropy(clipped, labels, ignore_index=-1, reduction="sum") / n_labelled
     return xent + LOGIT_PENALTY * logits.square().mean()
+
+
+def train_epoch(probes: Probes, optimizer: torch.optim.Optimizer, batches: Iterable
+                ) -> torch.Tensor:
+    """One epoch of the classifiers on batches of (features (B, D), labels (B,)); returns the
+    mean loss as a 0-dim tensor on the probes' device, never read here: no host sync."""
+    total, steps = torch.zeros((), device=next(probes.parameters()).device), 0
+    for features, labels in batches:
+        logits_mlp, logits_linear = probes(features)
+        loss = clipped_cross_entropy(logits_mlp, labels) + clipped_cross_entropy(
+            logits_linear, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, steps = total + loss.detach(), steps + 1
+    return total / max(steps, 1)
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    """Rows of scores (N, C) whose label (N,) is among the k highest (k capped at C)."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    return int((top == labels[:, None]).any(1).sum())
+
+
+@torch.no_grad()
+def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor,
+               test_features: torch.Tensor, n_classes: int, k: int = 200,
+               temperature: float = 0.07) -> torch.Tensor:
+    """Weighted kNN votes (N_test, C): features (N, D) are L2-normalised, each test row takes
+    its k most cosine-similar training rows (labels (N,), -1 ignored), each voting exp(sim / T)
+    for its class."""
+    # unlabelled rows are masked, not removed: a boolean index would wait for the GPU
+    unlabelled = train_labels < 0
+    train = F.normalize(train_features, dim=1)  # (N, D)
+    k = min(k, len(train))
+    votes = []
+    chunk = max(1, 2**26 // len(train))  # keeps each (chunk, N) similarity block ~256 MB
+    for test in F.normalize(test_features, dim=1).split(chunk):
+        similarity = (test @ train.t()).masked_fill(unlabelled, float("-inf"))  # (n, N)
+        similarity, index = similarity.topk(k, dim=1)  # (n, k)
+        weight = (similarity / temperature).exp()  # 0 for an unlabelled row
+        votes.append(torch.zeros(len(test), n_classes, device=test.device).scatter_add_(
+            1, train_labels.clamp(min=0)[index], weight))
+    return torch.cat(votes)

@@ -6,6 +6,11 @@ as the authors do; mode "features" extracts deterministic features once and trai
 The kNN classifier is InstDisc/DINO's: cosine similarity, k nearest, votes exp(sim / T).
 The test set is read whole and in order with the encoder in eval mode, and, as in MoCo's
 linear evaluation, the run fails if any encoder weight or batch-norm statistic changed.
+
+On a GPU the frozen encoder runs channels-last under bf16 autocast without gradients; a set
+held in memory (digits, CIFAR, STL-10, .npz) that fits is decoded onto the GPU once and
+transformed and augmented there in batches (batch_views), as in pretraining; the losses stay
+on the device and are read once per epoch.
 """
 from __future__ import annotations
 
@@ -17,20 +22,27 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
 from . import checkpoint
-from .classifiers import Probes, clipped_cross_entropy
+from .batch_views import BatchEvaluation, BatchViews
+from .batches import stored_size
+from .classifiers import Probes, knn_scores, topk_correct, train_epoch
+from .config import milestone_factor, resolve_device
 from .data import DataError, class_names, dataset_name, labelled_split, normalisation
 from .encoder import Encoder
-from .config import resolve_device
-from .extract import checkpoint_data, extract_features
+from .extract import checkpoint_data, encode, encode_batch, extract_features, frozen, in_order
+from .tensor_data import EvalBatches, TrainBatches, cache_dataset, fits_in_memory
 from .views import augmentation, evaluation_transform
 
 log = logging.getLogger("amdim")
+# the authors' classifier schedules: epochs, and the epochs after which the lr is x LR_GAMMA
+SCHEDULES = {"cifar": (120, (80, 110)),  # CIFAR-10/100, STL-10 (and digits)
+             "imagenet": (30, (15, 25)),  # ImageNet and other image folders
+             "places205": (15, (7, 12))}
+LR_GAMMA = 0.2
 
 
 class EvaluationError(RuntimeError):
@@ -40,8 +52,9 @@ class EvaluationError(RuntimeError):
 @dataclass(frozen=True)
 class EvaluationConfig:
     mode: str = "full"  # full: augmented images each epoch (the authors'); features: cached
-    epochs: int | None = None  # None: the data's schedule (see schedule())
-    lr_milestones: tuple[int, ...] | None = None  # epochs at which the lr is multiplied by 0.2
+    schedule: str | None = None  # a key of SCHEDULES; None: default_schedule(data)
+    epochs: int | None = None  # None: the schedule's
+    lr_milestones: tuple[int, ...] | None = None  # lr x LR_GAMMA after each; None: the schedule's
     lr: float = 2e-4  # the authors' Adam settings, on the classifiers only
     betas: tuple[float, float] = (0.8, 0.999)
     weight_decay: float = 1e-5
@@ -49,6 +62,8 @@ class EvaluationConfig:
     batch_size: int = 200
     workers: int = 2
     device: str = "auto"
+    precision: str | None = None  # autocast of the frozen encoder; None: bf16 on CUDA, else fp32
+    data_path: str = "auto"  # device (sets decoded onto it), loader, auto: see runtime()
     knn_k: int = 200  # neighbours (InstDisc, DINO)
     knn_temperature: float = 0.07  # a neighbour's vote is exp(cosine similarity / T)
     seed: int = 0  # classifier init and shuffling
@@ -58,14 +73,62 @@ class EvaluationConfig:
             raise ValueError(f"mode must be 'full' or 'features', got {self.mode!r}")
         if self.batch_size < 2 or self.knn_k < 1 or (self.epochs is not None and self.epochs < 1):
             raise ValueError("batch_size must be >= 2, knn_k and epochs >= 1")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
+        if self.precision not in (None, "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.data_path not in ("auto", "device", "loader"):
+            raise ValueError(f"data_path must be auto, device or loader, got {self.data_path!r}")
 
 
-def schedule(data: str, n_classes: int) -> tuple[int, tuple[int, ...]]:
-    """(epochs, lr milestones) of the classifiers: CIFAR/STL/digits 120 (80, 110); image folders
-    30 (15, 25), Places205 (a folder of 205 classes) 15 (7, 12)."""
-    if dataset_name(data) in ("digits", "cifar10", "cifar100", "stl10"):
-        return 120, (80, 110)
-    return (15, (7, 12)) if n_classes == 205 else (30, (15, 25))
+def default_schedule(data: str) -> str:
+    """The classifier schedule of a --data value: cifar for digits, CIFAR-10/100 and STL-10
+    (names, or .npz files named after them), imagenet for anything else."""
+    small = dataset_name(data) in ("digits", "cifar10", "cifar100", "stl10")
+    return "cifar" if small else "imagenet"
+
+
+def with_schedule(cfg: EvaluationConfig, data: str) -> EvaluationConfig:
+    """cfg with its schedule (default: the data's), epochs and lr milestones filled in."""
+    name = cfg.schedule or default_schedule(data)
+    epochs, milestones = SCHEDULES[name]
+    return replace(cfg, schedule=name, epochs=cfg.epochs or epochs, lr_milestones=tuple(
+        milestones if cfg.lr_milestones is None else cfg.lr_milestones))
+
+
+def runtime(cfg: EvaluationConfig, train_set: Dataset, test_set: Dataset,
+            stats: tuple | None) -> EvaluationConfig:
+    """cfg with device, precision and data path made concrete. Data path auto: device on a GPU
+    when both sets are in memory with one stored image size, `stats` (their (mean, std)) is
+    known, and their uint8 copy fits in half the free GPU memory; else loader."""
+    device = resolve_device(cfg.device)
+    data_path = cfg.data_path
+    if data_path == "auto":
+        size = stored_size(train_set)
+        data_path = "device" if (
+            stats is not None and size is not None and size == stored_size(test_set)
+            and len(train_set) >= cfg.batch_size and fits_in_memory(
+                len(train_set) + len(test_set), size[0], device, height=size[0], width=size[1])
+        ) else "loader"
+    if data_path == "device" and stats is None:
+        raise ValueError("data_path 'device' needs the sets' normalisation statistics (stats)")
+    return replace(cfg, device=str(device), data_path=data_path,
+                   precision=cfg.precision or ("bf16" if device.type == "cuda" else "fp32"))
+
+
+class FlippedView:
+    """One view of the pretraining augmentation after a random horizontal flip (p=0.5) of each
+    uint8 image (B, 3, H, W): mode "full"'s training transform on the device path, called by
+    TrainBatches in place of BatchViews' two views."""
+
+    def __init__(self, views: BatchViews):
+        self.views = views
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+        flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        return self.views.view(images, generator)  # (B, 3, S, S) normalised
 
 
 def check_unchanged(encoder: Encoder, before: dict[str, torch.Tensor]) -> None:
@@ -78,33 +141,6 @@ def check_unchanged(encoder: Encoder, before: dict[str, torch.Tensor]) -> None:
                               f"tensors, e.g. {changed[:3]}); its results are not valid")
 
 
-def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> int:
-    """Rows of scores (N, C) whose label (N,) is among the k highest (k capped at C)."""
-    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
-    return int((top == labels[:, None]).any(1).sum())
-
-
-@torch.no_grad()
-def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor,
-               test_features: torch.Tensor, n_classes: int, k: int = 200,
-               temperature: float = 0.07) -> torch.Tensor:
-    """Weighted kNN votes (N_test, C): features (N, D) are L2-normalised, each test row takes
-    its k most cosine-similar training rows (labels (N,), -1 ignored), each voting exp(sim / T)
-    for its class."""
-    keep = train_labels >= 0
-    train = F.normalize(train_features[keep], dim=1)  # (N, D)
-    train_labels = train_labels[keep]
-    k = min(k, len(train))
-    votes = []
-    chunk = max(1, 2**26 // len(train))  # keeps each (chunk, N) similarity block ~256 MB
-    for test in F.normalize(test_features, dim=1).split(chunk):
-        similarity, index = (test @ train.t()).topk(k, dim=1)  # (n, N) -> (n, k)
-        weight = (similarity / temperature).exp()
-        votes.append(torch.zeros(len(test), n_classes, device=test.device).scatter_add_(
-            1, train_labels[index], weight))
-    return torch.cat(votes)
-
-
 def _scores(name: str, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     n = len(labels)
     return {f"{name}_top1": topk_correct(scores, labels, 1) / n,
@@ -112,52 +148,69 @@ def _scores(name: str, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, 
 
 
 def train_probes(probes: Probes, batches, cfg: EvaluationConfig) -> None:
-    """cfg.epochs of Adam (the authors' settings) on the probes only, lr x0.2 at each of
-    cfg.lr_milestones. batches(): one epoch of (features (B, D), labels (B,))."""
-    optimizer = torch.optim.Adam(probes.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                 eps=cfg.eps, weight_decay=cfg.weight_decay)
-    # the authors step their scheduler with the finished epoch's index, so each decay starts
-    # one epoch after its milestone
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, [m + 1 for m in cfg.lr_milestones], gamma=0.2)
+    """cfg.epochs of Adam (the authors' settings) on the probes only, lr x LR_GAMMA from the
+    epoch after each of cfg.lr_milestones (config.milestone_factor, as in pretraining).
+    batches(): one epoch of (features (B, D), labels (B,))."""
+    # fused on CUDA: one kernel per step, and the step count kept on the device
+    optimizer = torch.optim.Adam(probes.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay,
+                                 fused=next(probes.parameters()).device.type == "cuda")
     probes.train()
     bar = tqdm(range(cfg.epochs), desc="classifiers", unit="epoch", leave=False)
-    for _ in bar:
-        total, steps = 0.0, 0
-        for features, labels in batches():
-            logits_mlp, logits_linear = probes(features)
-            loss = clipped_cross_entropy(logits_mlp, labels) + clipped_cross_entropy(
-                logits_linear, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, steps = total + loss.item(), steps + 1
-        scheduler.step()
-        bar.set_postfix(loss=f"{total / max(steps, 1):.3f}", refresh=False)
+    for epoch in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * milestone_factor(epoch, cfg.lr_milestones, LR_GAMMA)
+        loss = train_epoch(probes, optimizer, batches())
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # one host sync per epoch
     probes.eval()
 
 
+def _batches(cfg: EvaluationConfig, image_size: int, train_set: Dataset, test_set: Dataset,
+             augmented_train_set: Dataset | None, stats: tuple | None):
+    """(train, test, augmented) on cfg.data_path: batches (normalised images, labels) of both
+    sets in order, and (mode "full") an iterable that gives one epoch of shuffled augmented
+    training batches each time it is iterated."""
+    device = torch.device(cfg.device)
+    if cfg.data_path == "device":  # uint8 images on the device, transformed there in batches
+        train_cache, test_cache = cache_dataset(train_set, device), cache_dataset(test_set, device)
+        plain = BatchEvaluation(image_size, *stats)
+        augmented = None if cfg.mode == "features" else TrainBatches(
+            train_cache, FlippedView(BatchViews(image_size, *stats)), cfg.batch_size, cfg.seed)
+        return (EvalBatches(train_cache, plain, cfg.batch_size),
+                EvalBatches(test_cache, plain, cfg.batch_size), augmented)
+    # drop a last partial batch: the MLP's batch norm cannot train on a single row
+    augmented = None if cfg.mode == "features" else DataLoader(
+        augmented_train_set, batch_size=cfg.batch_size, shuffle=True,
+        drop_last=len(train_set) > cfg.batch_size, num_workers=cfg.workers,
+        pin_memory=device.type == "cuda")
+    return (in_order(train_set, device, cfg.batch_size, cfg.workers),
+            in_order(test_set, device, cfg.batch_size, cfg.workers), augmented)
+
+
 def evaluate(encoder: Encoder, train_set: Dataset, test_set: Dataset, n_classes: int,
-             cfg: EvaluationConfig, augmented_train_set: Dataset | None = None
-             ) -> dict[str, float]:
+             cfg: EvaluationConfig, augmented_train_set: Dataset | None = None,
+             stats: tuple | None = None) -> dict[str, float]:
     """Top-1/top-5 test accuracy of new linear and MLP classifiers and of kNN on the frozen
     encoder. train_set/test_set give (image (3, S, S), label) with the deterministic transform;
     mode "full" trains the classifiers on augmented_train_set (the same images augmented).
-    cfg.epochs and cfg.lr_milestones must be set (schedule() gives the usual ones). The encoder
-    is moved to cfg.device and left in eval mode."""
+    stats: the (mean, std) the sets are normalised with, which the device data path needs
+    (see runtime()). cfg.epochs and cfg.lr_milestones must be set (with_schedule() sets them).
+    The encoder is moved to cfg.device (channels-last on CUDA) and left in eval mode."""
     if cfg.epochs is None or cfg.lr_milestones is None:
-        raise ValueError("set cfg.epochs and cfg.lr_milestones, e.g. from schedule(data, n_classes)")
-    if cfg.mode == "full" and augmented_train_set is None:
-        raise ValueError("mode 'full' needs augmented_train_set")
-    device = resolve_device(cfg.device)
-    encoder.to(device).eval()
+        raise ValueError("set cfg.epochs and cfg.lr_milestones, e.g. with with_schedule(cfg, data)")
+    cfg = runtime(cfg, train_set, test_set, stats)
+    if cfg.mode == "full" and cfg.data_path == "loader" and augmented_train_set is None:
+        raise ValueError("mode 'full' needs augmented_train_set (or the device data path)")
+    device = torch.device(cfg.device)
+    frozen(encoder, device)
     before = {name: value.detach().cpu().clone() for name, value in encoder.state_dict().items()}
-    torch.manual_seed(cfg.seed)
-    extract = dict(device=device, batch_size=cfg.batch_size, workers=cfg.workers)
-    train = extract_features(encoder, train_set, **extract)
-    test = extract_features(encoder, test_set, **extract)
-    x_train, y_train = train["features"].to(device), train["labels"].to(device)
-    x_test, y_test = test["features"].to(device), test["labels"].to(device)
+    train_batches, test_batches, augmented = _batches(
+        cfg, encoder.cfg.image_size, train_set, test_set, augmented_train_set, stats)
+    progress = dict(desc="features", unit="batch", leave=False, mininterval=1.0)
+    train = encode(encoder, tqdm(train_batches, **progress), cfg.precision)
+    test = encode(encoder, tqdm(test_batches, **progress), cfg.precision)
+    x_train, y_train = train["features"], train["labels"]  # (N, D), (N,) on the device
+    x_test, y_test = test["features"], test["labels"]
     if len(x_train) < 2:
         raise EvaluationError("the training set needs at least 2 images")
     # drop a last partial batch: the MLP's batch norm cannot train on a single row
@@ -169,17 +222,16 @@ def evaluate(encoder: Encoder, train_set: Dataset, test_set: Dataset, n_classes:
             if len(index) == cfg.batch_size or not drop_last:
                 yield x_train[index], y_train[index]
 
-    def image_batches():
-        loader = DataLoader(augmented_train_set, batch_size=cfg.batch_size, shuffle=True,
-                            drop_last=drop_last, num_workers=cfg.workers,
-                            pin_memory=device.type == "cuda")
-        for images, labels in loader:
-            with torch.no_grad():
-                features = encoder.global_features(images.to(device, non_blocking=True))
-            yield features, labels.to(device)
+    def augmented_batches():
+        for images, labels in augmented:
+            features = encode_batch(encoder, images, cfg.precision).r1.flatten(1).float()
+            yield features, labels.to(device, non_blocking=True)
 
+    # seeded after the features: the loaders above draw from the global generator, the device
+    # path does not, and the classifiers must not depend on which ran
+    torch.manual_seed(cfg.seed)
     probes = Probes(encoder.cfg.n_rkhs, n_classes).to(device)
-    train_probes(probes, image_batches if cfg.mode == "full" else cached_batches, cfg)
+    train_probes(probes, augmented_batches if cfg.mode == "full" else cached_batches, cfg)
     with torch.no_grad():
         logits_mlp, logits_linear = probes(x_test)
     results = {**_scores("linear", logits_linear, y_test), **_scores("mlp", logits_mlp, y_test),
@@ -202,18 +254,20 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_root: str | Non
     train_set = labelled_split(data, "train", plain, data_root, download)
     test_set = labelled_split(data, "test", plain, data_root, download)
     classes = class_names(train_set)
-    augmented = None
-    if cfg.mode == "full":  # one view of the pretraining augmentation, after a random flip
+    cfg = runtime(with_schedule(cfg, data), train_set, test_set, stats)
+    augmented = None  # the device path augments the cached train_set itself
+    if cfg.mode == "full" and cfg.data_path == "loader":
+        # one view of the pretraining augmentation, after a random flip
         augmented = labelled_split(data, "train", T.Compose(
             [T.RandomHorizontalFlip(), augmentation(size, *stats)]), data_root)
-    default_epochs, default_milestones = schedule(data, len(classes))
-    cfg = replace(cfg, epochs=cfg.epochs or default_epochs, lr_milestones=tuple(
-        default_milestones if cfg.lr_milestones is None else cfg.lr_milestones))
-    log.info("evaluating %s on %s: %d train / %d test images, %d classes, %s mode, %d epochs",
-             path, data, len(train_set), len(test_set), len(classes), cfg.mode, cfg.epochs)
-    results = evaluate(encoder, train_set, test_set, len(classes), cfg, augmented)
+    log.info("evaluating %s on %s: %d train / %d test images, %d classes, %s mode, %s schedule "
+             "(%d epochs), %s, %s, %s data path", path, data, len(train_set), len(test_set),
+             len(classes), cfg.mode, cfg.schedule, cfg.epochs, cfg.device, cfg.precision,
+             cfg.data_path)
+    results = evaluate(encoder, train_set, test_set, len(classes), cfg, augmented, stats)
     report = {"checkpoint": str(path), "data": data, "n_train": len(train_set),
-              "n_test": len(test_set), "n_classes": len(classes), **asdict(cfg), **results, "seconds": round(time.perf_counter() - start, 1)}
+              "n_test": len(test_set), "n_classes": len(classes), **asdict(cfg), **results,
+              "seconds": round(time.perf_counter() - start, 1)}
     out = Path(out) if out else Path(path).with_suffix(f".eval-{cfg.mode}.json")
     try:
         out.write_text(json.dumps(report, indent=2) + "\n")
@@ -279,14 +333,23 @@ def register(subparsers) -> None:
     parser.add_argument("--mode", default="full", choices=("full", "features"),
                         help="full: augmented images every epoch, as the authors (slow); "
                         "features: deterministic features extracted once (fast)")
-    parser.add_argument("--epochs", type=int, help="classifier epochs (default: CIFAR/STL 120, "
-                        "image folders 30, Places205 15)")
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES),
+                        help="the authors' classifier schedule: cifar 120 epochs, lr x0.2 after "
+                        "80 and 110; imagenet 30 (15, 25); places205 15 (7, 12) (default: cifar "
+                        "for digits, cifar10, cifar100, stl10, else imagenet)")
+    parser.add_argument("--epochs", type=int, help="classifier epochs (default: the schedule's)")
     parser.add_argument("--lr-milestones", type=int, nargs="*", metavar="EPOCH",
-                        help="lr x0.2 at these epochs (default: 80 110 | 15 25 | 7 12)")
+                        help="lr x0.2 after these epochs (default: the schedule's)")
     parser.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2, help="data-loader processes")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:1")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                        help="autocast of the frozen encoder (default: bf16 on CUDA, else fp32)")
+    parser.add_argument("--data-path", default="auto", choices=("auto", "device", "loader"),
+                        help="device: decode the images once onto the device and transform them "
+                        "there in batches; loader: DataLoader workers; auto: device on a GPU for "
+                        "in-memory sets that fit in half its free memory")
     parser.add_argument("--knn-k", type=int, default=200)
     parser.add_argument("--knn-temperature", type=float, default=0.07)
     parser.add_argument("--seed", type=int, default=0)
@@ -297,9 +360,10 @@ def register(subparsers) -> None:
 def _run(args) -> None:
     try:
         cfg = EvaluationConfig(
-            mode=args.mode, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+            mode=args.mode, schedule=args.schedule, epochs=args.epochs, lr=args.lr,
             lr_milestones=None if args.lr_milestones is None else tuple(args.lr_milestones),
-            workers=args.workers, device=args.device, knn_k=args.knn_k,
+            batch_size=args.batch_size, workers=args.workers, device=args.device,
+            precision=args.precision, data_path=args.data_path, knn_k=args.knn_k,
             knn_temperature=args.knn_temperature, seed=args.seed)
         report = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, cfg, args.out,
                                      args.download)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import resolve_device
 from .data import STATS, DataError, ImageFiles, class_names, labelled_split, normalisation
-from .encoder import Encoder
+from .encoder import Encoder, Features
 from .views import evaluation_transform
 
 log = logging.getLogger("amdim")
@@ -32,6 +34,35 @@ def checkpoint_data(state: dict, data: str | None, data_root: str | None) -> tup
                         "--data (digits, cifar10, cifar100, stl10, or a folder with train/<class>/ "
                         "and val/<class>/)")
     return data, data_root or config.get("data_root", "data")
+
+
+def precision_context(device: torch.device, precision: str):
+    """The autocast context of precision fp32 (none), bf16 or fp16 on `device`."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _layout(device: torch.device) -> torch.memory_format:
+    # convolutions run fastest channels-last on CUDA; the values are the same either way
+    return torch.channels_last if device.type == "cuda" else torch.preserve_format
+
+
+def frozen(encoder: Encoder, device: torch.device) -> Encoder:
+    """The encoder moved to `device` (channels-last on CUDA) and put in eval mode."""
+    return encoder.to(device, memory_format=_layout(device)).eval()
+
+
+@torch.no_grad()
+def encode_batch(encoder: Encoder, images: torch.Tensor, precision: str = "fp32") -> Features:
+    """The encoder's Features of normalised images (B, 3, S, S) (any device: moved to the
+    encoder's, channels-last on CUDA), under autocast at `precision`, without gradients."""
+    device = next(encoder.parameters()).device
+    with precision_context(device, precision):
+        return encoder(images.to(device, non_blocking=True, memory_format=_layout(device)))
 
 
 @torch.no_grad()
@@ -57,36 +88,57 @@ def embed(encoder: Encoder, images, data: str = "imagenet") -> torch.Tensor:
     was_training = encoder.training
     encoder.eval()  # batch-norm running statistics must not move
     try:
-        device = next(encoder.parameters()).device
-        return encoder.global_features(images.to(device))
+        return encode_batch(encoder, images).r1.flatten(1)
     finally:
         encoder.train(was_training)
 
 
 @torch.no_grad()
+def encode(encoder: Encoder, batches: Iterable, precision: str = "fp32", maps: bool = False,
+           out: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Run the frozen encoder (eval mode) over batches of (normalised images (B, 3, S, S),
+    labels (B,)), in order.
+
+    Returns float32 features (N, n_rkhs), labels (N,) int64 (-1: unlabelled) and, with
+    `maps`, r5 (N, n_rkhs, 5, 5) and r7 (N, n_rkhs, 7, 7), on `out` (default: the encoder's
+    device, which needs no host synchronisation; "cpu" copies each batch back).
+    """
+    out = torch.device(out) if out is not None else next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    # copies to the device are queued; a copy to the host must wait for its values
+    copy = dict(device=out, non_blocking=out.type != "cpu")
+    parts: dict[str, list] = {"features": [], "labels": [], "r5": [], "r7": []}
+    for images, labels in batches:
+        r1, r5, r7 = encode_batch(encoder, images, precision)
+        parts["features"].append(r1.flatten(1).float().to(**copy))  # (B, D, 1, 1) -> (B, D)
+        parts["labels"].append(torch.as_tensor(labels, dtype=torch.int64).to(**copy))
+        if maps:
+            parts["r5"].append(r5.float().to(**copy))
+            parts["r7"].append(r7.float().to(**copy))
+    encoder.train(was_training)
+    return {k: torch.cat(v) for k, v in parts.items() if v}
+
+
+def in_order(dataset: Dataset, device: torch.device, batch_size: int = 256, workers: int = 0
+             ) -> DataLoader:
+    """Every item of a dataset once, in order, batched (pinned for a copy to CUDA)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda")
+
+
 def extract_features(encoder: Encoder, dataset: Dataset, device: torch.device,
                      batch_size: int = 256, workers: int = 0, maps: bool = False
                      ) -> dict[str, torch.Tensor]:
-    """Run the frozen encoder (eval mode) over a dataset, in order, every image once.
+    """Run the frozen encoder (eval mode; it must be on `device`) over a dataset, in order,
+    every image once, in fp32.
 
     Returns float32 CPU tensors features (N, n_rkhs), labels (N,) int64 (-1: unlabelled) and,
     with `maps`, r5 (N, n_rkhs, 5, 5) and r7 (N, n_rkhs, 7, 7).
     """
-    was_training = encoder.training
-    encoder.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda")
-    out: dict[str, list] = {"features": [], "labels": [], "r5": [], "r7": []}
-    for images, labels in tqdm(loader, desc="features", unit="batch", leave=False,
-                               mininterval=1.0):
-        r1, r5, r7 = encoder(images.to(device, non_blocking=True))
-        out["features"].append(r1.flatten(1).float().cpu())  # (B, D, 1, 1) -> (B, D)
-        out["labels"].append(torch.as_tensor(labels, dtype=torch.int64))
-        if maps:
-            out["r5"].append(r5.float().cpu())
-            out["r7"].append(r7.float().cpu())
-    encoder.train(was_training)
-    return {k: torch.cat(v) for k, v in out.items() if v}
+    batches = tqdm(in_order(dataset, device, batch_size, workers), desc="features",
+                   unit="batch", leave=False, mininterval=1.0)
+    return encode(encoder, batches, maps=maps, out="cpu")
 
 
 def sample_names(dataset: Dataset, root: Path | None = None) -> list[str]:
@@ -133,7 +185,7 @@ def extract(path: str, data: str | None = None, split: str = "test", out: str | 
     encoder, _, state = checkpoint.load_model(path)
     data, data_root = checkpoint_data(state, data, data_root)
     target = resolve_device(device)
-    encoder.to(target)
+    frozen(encoder, target)
     transform = evaluation_transform(encoder.cfg.image_size,
                                      *normalisation(data))
     root = Path(data) if Path(data).is_dir() else None

@@ -187,7 +187,7 @@ def register(subparsers) -> None:
     parser.add_argument("--tsne", action="store_true", help="run folders: also the t-SNE map")
     parser.add_argument("--data", help="checkpoints: the labelled data (default: the checkpoint's)")
     parser.add_argument("--data-root", help="where torchvision datasets are")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:1")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)
     parser.set_defaults(func=_run)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, is_authors, load_model
-from .config import PretrainConfig
+from .config import PretrainConfig, resolve_device
 from .data import DataError, build_datasets, normalisation
 from .encoder import Encoder
 from .mixture import MixtureHead, assignments
@@ -40,6 +40,7 @@ def register(subparsers) -> None:
                         help="where torchvision datasets are (default: the checkpoint's)")
     parser.add_argument("--out", required=True, help="PNG to write: one row per image")
     parser.add_argument("--n-images", type=int, default=16, help="test images to draw (>= 2)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:1")
     parser.add_argument("--spatial-coherence", action="store_true",
                         help="print the neighbour agreement of the maps and write it as JSON "
                              "beside the PNG")
@@ -127,20 +128,37 @@ def _write_grid(pictures: np.ndarray, maps: dict[str, torch.Tensor], out: Path) 
 
 
 @torch.no_grad()
+def posterior_maps(encoder: Encoder, head: MixtureHead, images: torch.Tensor,
+                   tclip: float = 20.0, alpha: float = 1.0) -> dict[str, torch.Tensor]:
+    """Each image's mixture posterior over its own maps, computed on the encoder's device
+    (the head must be there too) and returned on the CPU: {"r5": (B, K, 5, 5), "r7": (B, K, 7, 7)}.
+
+    images: (B, 3, S, S) normalised, on any device, B >= 2 (the other images are the NCE
+    negatives)."""
+    features = encoder(images.to(next(encoder.parameters()).device))
+    maps = assignments(features, features, head, tclip, alpha)
+    return {name: posterior.float().cpu() for name, posterior in maps.items()}
+
+
+def pictures(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+             ) -> torch.Tensor:
+    """Normalised images (B, 3, S, S) on any device -> CPU (B, S, S, 3) in [0, 1], to draw."""
+    images = images.float().cpu()
+    scale, shift = torch.tensor(std)[:, None, None], torch.tensor(mean)[:, None, None]
+    return (images * scale + shift).clamp(0, 1).permute(0, 2, 3, 1)
+
+
 def segment_images(encoder: Encoder, head: MixtureHead, images: torch.Tensor,
                    mean: tuple[float, ...], std: tuple[float, ...], out: str | os.PathLike,
                    tclip: float = 20.0, alpha: float = 1.0) -> dict[str, dict[str, float]]:
     """Write the segmentation grid of a batch of images and return its spatial coherence.
 
     images: (B, 3, S, S) normalised with (mean, std), B >= 2 (the other images are the NCE
-    negatives); each image's global mixture is scored against its own 7x7 and 5x5 maps.
-    Returns {"r7": spatial_coherence(...), "r5": ...}.
+    negatives); each image's global mixture is scored against its own 7x7 and 5x5 maps, on
+    the encoder's device. Returns {"r7": spatial_coherence(...), "r5": ...}.
     """
-    features = encoder(images)
-    maps = assignments(features, features, head, tclip, alpha)  # r5: (B, K, 5, 5), r7: 7x7
-    # (B, 3, S, S) normalised -> (B, S, S, 3) in [0, 1]
-    pictures = images * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-    _write_grid(pictures.clamp(0, 1).permute(0, 2, 3, 1).numpy(), maps, Path(out))
+    maps = posterior_maps(encoder, head, images, tclip, alpha)  # CPU
+    _write_grid(pictures(images, mean, std).numpy(), maps, Path(out))
     return {name: spatial_coherence(maps[name]) for name in ("r7", "r5")}
 
 
@@ -167,6 +185,9 @@ def _segment(args: argparse.Namespace) -> None:
         raise SystemExit(f"--n-images must be at least 2 (got {args.n_images}): the other "
                          "images are the negatives that the posterior is computed against")
     encoder, head, cfg = load_mixture_model(args.checkpoint)
+    device = resolve_device(args.device)
+    encoder.to(device)
+    head.to(device)
     overrides = {k: v for k, v in (("data", args.data), ("data_root", args.data_root)) if v}
     cfg = PretrainConfig.from_dict({**cfg.to_dict(), **overrides})
     images, mean, std = _test_images(cfg, args.n_images)
