@@ -91,7 +91,8 @@ def stored_size(dataset: Dataset) -> tuple[int, int] | None:
 
 def choose_data_path(cfg: PretrainConfig, train_set: Dataset, device: torch.device) -> str:
     """cfg.data_path, with auto resolved: the device path for an in-memory set of one image
-    size whose uint8 copy fits in half the GPU's free memory, else the loader."""
+    size whose uint8 copy fits in half the GPU's free memory (a quarter of the available RAM on a
+    CPU), else the loader."""
     if cfg.data_path != "auto":
         return cfg.data_path
     size = stored_size(train_set)

@@ -17,7 +17,9 @@ import argparse
 import json
 import logging
 import platform
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,11 +27,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .batch_views import BatchViews
-from .config import PRESETS, PretrainConfig, preset, resolve_device
+from .config import (PRESETS, PretrainConfig, native_bf16, preset, resolve_device,
+                     resolve_runtime)
 from .data import normalisation
 from .model import AMDIM
 from .tensor_data import TrainBatches, load_npz
-from .train import autocast_for, optimiser_for
+from .step import TrainingStep
 
 H100_BF16_DENSE = 989e12  # FLOP/s: H100 SXM bf16 dense tensor-core peak (no sparsity)
 N_CLASSES = 10  # outputs of the online probes timed with the step (their cost is tiny)
@@ -41,47 +44,22 @@ def _synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class TrainingStep:
-    """One optimiser step of pretraining as `amdim pretrain` takes it: model.AMDIM (encoder on
-    each view, multiscale NCE, online probes on detached features) under autocast, backward,
-    Adam (fused on CUDA)."""
+def _model_step(cfg: PretrainConfig, device: torch.device, compile: bool) -> TrainingStep:
+    """The training step `amdim pretrain` runs (step.TrainingStep), on a fresh model with
+    online probes of N_CLASSES outputs."""
+    model = AMDIM(cfg, N_CLASSES).to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return TrainingStep(cfg, model, device, torch.compile(model) if compile else None)
 
-    def __init__(self, cfg: PretrainConfig, n_classes: int, device: torch.device,
-                 compile: bool, channels_last: bool):
-        self.cfg, self.device, self.channels_last = cfg, device, channels_last
-        self.model = AMDIM(cfg, n_classes).to(device)
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.optimiser = optimiser_for(cfg, self.model, device)
-        self.autocast = autocast_for(cfg, device)
-        self.step_model = torch.compile(self.model) if compile else self.model
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
-    def forward_backward(self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor,
-                         model: Callable | None = None) -> torch.Tensor:
-        if self.channels_last:
-            view1 = view1.contiguous(memory_format=torch.channels_last)
-            view2 = view2.contiguous(memory_format=torch.channels_last)
-        with self.autocast():
-            loss = (model or self.step_model)(view1, view2, labels)["loss"]
-        self.optimiser.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        return loss
-
-    def __call__(self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor
-                 ) -> torch.Tensor:
-        loss = self.forward_backward(view1, view2, labels)
-        self.scaler.step(self.optimiser)
-        self.scaler.update()
-        return loss
-
-    def flop_per_step(self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor
-                      ) -> int:
-        """FLOP of one forward + backward (matmuls and convolutions), counted eagerly."""
-        with FlopCounterMode(display=False) as counter:
-            self.forward_backward(view1, view2, labels, self.model)
-        self.optimiser.zero_grad(set_to_none=True)
-        return counter.get_total_flops()
+def _flop_per_step(step: TrainingStep, view1: torch.Tensor, view2: torch.Tensor,
+                   labels: torch.Tensor) -> int:
+    """FLOP of one forward + backward (matmuls and convolutions), counted eagerly."""
+    with FlopCounterMode(display=False) as counter:
+        step.forward_backward(view1, view2, labels, step.model)
+    step.optimiser.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def _timed(step: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
@@ -102,25 +80,26 @@ def _endless(batches: TrainBatches):
 
 
 def benchmark(cfg: PretrainConfig, device: torch.device, steps: int = 20, warmup: int = 5,
-              compile: bool = False, channels_last: bool = False, data: str | None = None,
-              peak_flops: float | None = None) -> dict:
-    """Measure pretraining speed for cfg on device; returns the JSON-ready results."""
+              compile: bool = False, data: str | None = None, peak_flops: float | None = None
+              ) -> dict:
+    """Measure pretraining speed for cfg (precision and memory format as it says) on device;
+    returns the JSON-ready results."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps}, {warmup}")
     torch.manual_seed(cfg.seed)
     batch, size = cfg.batch_size, cfg.image_size
-    step = TrainingStep(cfg, N_CLASSES, device, compile, channels_last)
+    step = _model_step(cfg, device, compile)
     inputs = [torch.randn(batch, 3, size, size, device=device) for _ in range(2)]
     inputs.append(torch.randint(0, N_CLASSES, (batch,), device=device))
-    flop_per_image = step.flop_per_step(*inputs) / batch
+    flop_per_image = _flop_per_step(step, *inputs) / batch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     log.info("timing %d training steps (after %d warm-up steps) on %s", steps, warmup, device)
-    step_s = _timed(lambda: step(*inputs), steps, warmup, device)
+    step_s = _timed(lambda: step(*inputs, cfg.lr), steps, warmup, device)
     results = {
         "preset": None, "device": _device_name(device), "torch": torch.__version__,
         "batch_size": batch, "image_size": size, "precision": cfg.precision,
-        "compile": compile, "channels_last": channels_last, "steps": steps, "warmup": warmup,
+        "compile": compile, "channels_last": cfg.channels_last, "steps": steps, "warmup": warmup,
         "train_step_ms": 1e3 * step_s, "train_images_per_s": batch / step_s,
         "flop_per_image": flop_per_image, "achieved_flop_per_s": flop_per_image * batch / step_s,
         "peak_flop_per_s": peak_flops, "mfu": None,
@@ -148,7 +127,7 @@ def _end_to_end(cfg: PretrainConfig, step: TrainingStep, device: torch.device, d
     cache = load_npz(data, device)
     _synchronise(device)
     decode_s = time.perf_counter() - start
-    views = BatchViews(cfg.image_size, *normalisation(cfg.data))
+    views = BatchViews(cfg.image_size, *normalisation(cfg.data))  # as make_batches builds them
     batches = TrainBatches(cache, views, cfg.batch_size, seed=cfg.seed)
     height, width = cache.images.shape[2:]
     log.info("%s: %d images of %dx%d px decoded onto %s in %.1f s", data, len(cache), width,
@@ -161,7 +140,7 @@ def _end_to_end(cfg: PretrainConfig, step: TrainingStep, device: torch.device, d
 
     def end_to_end_step():
         (view1, view2), labels = next(stream)
-        step(view1, view2, labels.clamp(max=N_CLASSES - 1))  # the probes have N_CLASSES outputs
+        step(view1, view2, labels.clamp(max=N_CLASSES - 1), cfg.lr)  # probes: N_CLASSES outputs
 
     step_s = _timed(end_to_end_step, steps, warmup, device)
     return {"n_images": len(cache), "decode_s": decode_s, "cache_bytes": cache.nbytes,
@@ -180,24 +159,48 @@ def _device_name(device: torch.device) -> str:
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     overrides = {"seed": args.seed, "device": str(device)}
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
-    if args.precision is not None:
-        overrides["precision"] = args.precision
-    cfg = preset(args.preset, **overrides)
-    # by default what `amdim pretrain` runs: compiled and channels-last on CUDA
+    for name in ("batch_size", "precision", "channels_last", "threads", "n_rkhs", "ndf",
+                 "n_depth"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    # what `amdim pretrain` would run here: its precision, memory format and threads
+    cfg = resolve_runtime(preset(args.preset, **overrides), device, "device")
+    torch.set_num_threads(cfg.threads)
     compile = device.type == "cuda" if args.compile is None else args.compile
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     peak = args.peak_flops if args.peak_flops is not None else (
         H100_BF16_DENSE if device.type == "cuda" else None)
-    results = benchmark(cfg, device, args.steps, args.warmup, compile, channels_last,
-                        args.data, peak)
-    results["preset"] = args.preset
+    if not args.compare:
+        results = {**benchmark(cfg, device, args.steps, args.warmup, compile, args.data, peak),
+                   "preset": args.preset}
+    else:
+        results = {"preset": args.preset, "modes": compare_modes(
+            cfg, device, args.steps, args.warmup, compile, args.data, peak)}
+    results["command"] = "amdim benchmark " + " ".join(sys.argv[2:])
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(text)
+    return results
+
+
+def compare_modes(cfg: PretrainConfig, device: torch.device, steps: int, warmup: int,
+                  compile: bool, data: str | None, peak: float | None) -> list[dict]:
+    """benchmark() of each of fp32 / bf16 (where native) x NCHW / channels-last (x eager /
+    compiled with compile), side by side in one process; each with its speed-up over the
+    first, fp32 NCHW eager (the package's step before these options)."""
+    precisions = ("fp32", "bf16") if native_bf16(device) else ("fp32",)
+    modes = [(p, cl, c) for c in sorted({False, compile}) for p in precisions
+             for cl in (False, True)]
+    results = []
+    for precision, channels_last, compiled in modes:
+        mode = replace(cfg, precision=precision, channels_last=channels_last)
+        results.append(benchmark(mode, device, steps, warmup, compiled, data, peak))
+        for key in ("train_images_per_s", "end_to_end_images_per_s"):
+            if results[-1][key] is not None:
+                results[-1][f"{key}_speedup"] = results[-1][key] / results[0]["train_images_per_s"]
+        log.info("%s %s %s: %.1f images/s", precision, "channels-last" if channels_last else
+                 "NCHW", "compiled" if compiled else "eager", results[-1]["train_images_per_s"])
     return results
 
 
@@ -211,13 +214,20 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default: 20)")
     parser.add_argument("--warmup", type=int, default=5,
                         help="untimed steps first, for compilation and autotuning (default: 5)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
-                        help="autocast precision (default: the preset's, fp32)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="autocast precision (default: the preset's, auto as amdim pretrain)")
+    parser.add_argument("--threads", type=int, help="compute threads (default: the usable cores)")
+    parser.add_argument("--ndf", type=int, help="trunk width (default: the preset's)")
+    parser.add_argument("--n-rkhs", type=int, help="embedding width (default: the preset's)")
+    parser.add_argument("--n-depth", type=int, help="layers per block (default: the preset's)")
+    parser.add_argument("--compare", action="store_true",
+                        help="time fp32/bf16 x NCHW/channels-last (x eager/compiled with "
+                             "--compile) side by side, with speed-ups over fp32 NCHW eager")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the encoder and the loss (default: on CUDA only)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="channels-last memory format for the encoder and its inputs "
-                             "(default: on CUDA only, as amdim pretrain)")
+                        help="channels-last memory format for the model and its inputs "
+                             "(default: on, as amdim pretrain)")
     parser.add_argument("--data", metavar="NPZ",
                         help="also time end to end on this .npz dataset, held on the device")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")

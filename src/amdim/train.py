@@ -1,16 +1,19 @@
 """`amdim pretrain`: self-supervised pretraining with online probes, checkpoints and resume.
 
-Reads top to bottom as the stages of a run: run folder and config, device and seed, data,
-model, optimiser, resume, then the loop (steps, evaluation, metrics, checkpoint per epoch).
+`Pretraining` holds a run's state and reads as its stages: processes and device; data; model
+and optimiser, restored from the run folder's checkpoint when there is one; then per epoch the
+steps (step.TrainingStep), the evaluation and the metrics line, and the checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,20 +23,18 @@ from tqdm import tqdm
 from . import checkpoint, distributed
 from .batches import choose_data_path, make_batches
 from .config import (PRESETS, PretrainConfig, add_config_flags, config_from_args,
-                     milestone_factor, resolve_device)
+                     milestone_factor, resolve_device, resolve_runtime)
 from .data import DataError, build_datasets, skipped_files
 from .evaluate import compare_with_random_init
 from .model import AMDIM
+from .step import LOSSES, NCE_TERMS, EpochSums, TrainingStep, autocast_for
 
 log = logging.getLogger("amdim")
 CHECKPOINT = "checkpoint.pt"
 # settings a resumed run may change; every other field must equal the saved run's
-RESUMABLE = {"epochs", "workers", "device", "run_dir", "data_root", "download", "log_every",
-             "final_probe", "skip_nonfinite", "strict_data", "data_path", "compile", "time_limit"}
-NCE_TERMS = ("loss_1t5", "loss_1t7", "loss_5t5", "score_reg")
-# what each step adds to the epoch's sums (in the checkpoint, so a resumed epoch reports all
-# of its steps): the NCE terms, losses and probe counts, then the counted steps
-SUMS = NCE_TERMS + ("loss", "probe_loss", "correct_linear", "correct_mlp", "n_labelled", "steps")
+RESUMABLE = {"epochs", "workers", "threads", "device", "run_dir", "data_root", "download",
+             "log_every", "final_probe", "skip_nonfinite", "strict_data", "data_path", "compile",
+             "time_limit", "channels_last"}
 
 
 class TrainingError(RuntimeError):
@@ -130,235 +131,279 @@ def _keep_metrics_until(path: Path, epoch: int) -> dict:
     return json.loads(kept[-1]) if kept else {}
 
 
-def autocast_for(cfg: PretrainConfig, device: torch.device):
-    """A factory of the autocast context of cfg.precision (a no-op for fp32)."""
-    if cfg.precision == "fp32":
-        return nullcontext
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-def optimiser_for(cfg: PretrainConfig, model: torch.nn.Module, device: torch.device
-                  ) -> torch.optim.Adam:
-    """The authors' Adam over every trained parameter (fused kernels on CUDA)."""
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                            fused=device.type == "cuda")
-
-
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or resume) pretraining as configured; returns the last epoch's metrics.
     Under torchrun, every rank runs this; rank 0 alone logs and writes files."""
-    # -- processes, device and seed
-    started = time.perf_counter()
-    device = resolve_device(cfg.device)
-    rank, world_size, local_rank = distributed.setup(device.type)
-    main_rank = rank == 0
-    if cfg.batch_size % world_size:
-        raise TrainingError(f"batch_size {cfg.batch_size} (the global batch) must be divisible "
-                            f"by the {world_size} processes")
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    autocast = autocast_for(cfg, device)
-    # -- run folder
-    run_dir = Path(cfg.run_dir)
-    path = run_dir / CHECKPOINT
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    # -- data
-    train_set, test_set, n_classes = build_datasets(cfg)
-    steps_per_epoch = len(train_set) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise TrainingError(f"the training set has {len(train_set)} images, fewer than one "
-                            f"batch of {cfg.batch_size}; lower --batch-size")
-    if cfg.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
-    # -- model and optimiser
-    model = AMDIM(cfg, n_classes).to(device)
-    if device.type == "cuda":  # convolutions run fastest on NHWC (before DDP sizes its buckets)
-        model.to(memory_format=torch.channels_last)
-    step_model = model  # what the training step calls: DDP's wrapper when distributed
-    if world_size > 1:
-        model = distributed.synchronise_batchnorm(model, device)
-        model.gather = distributed.gather
-        step_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None)
-    optimizer = optimiser_for(cfg, model, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    torch.manual_seed(cfg.seed + rank)  # augmentations differ between ranks
-    # -- resume
-    epoch, step_in_epoch, step, chosen_path = 0, 0, 0, None
-    sums, skipped_batches = torch.zeros(len(SUMS), dtype=torch.float64), 0
-    if path.exists():
-        state = checkpoint.load(path)
-        _check_same_run(state["config"], cfg, path)
-        model.encoder.load_state_dict(state["encoder"])
+    return Pretraining(cfg).run()
+
+
+class Pretraining:
+    """One run's state, built stage by stage (processes, data, model, restore, batches);
+    run() trains it to cfg.epochs, one epoch at a time."""
+
+    def __init__(self, cfg: PretrainConfig):
+        self.started = time.perf_counter()
+        self._setup_processes(cfg)
+        self._build_data()
+        self._build_model()
+        self._restore()
+        test_set = self.test_set if self.n_classes and self.main_rank else None
+        self.train_batches, self.test_batches = make_batches(
+            self.cfg, self.data_path, self.train_set, test_set, self.device, self.rank,
+            self.world_size)
+        self.writer = None
+
+    # -- setting up
+
+    def _setup_processes(self, cfg: PretrainConfig) -> None:
+        self.rank, self.world_size, self.device = distributed.setup(resolve_device(cfg.device))
+        self.main_rank = self.rank == 0
+        if cfg.batch_size % self.world_size:
+            raise TrainingError(f"batch_size {cfg.batch_size} (the global batch) must be "
+                                f"divisible by the {self.world_size} processes")
+        if self.device.type == "cuda":  # TF32 matmuls, autotuned convolutions
+            torch.set_float32_matmul_precision("high")
+            torch.backends.cudnn.benchmark = True
+        self.cfg, self.run_dir = cfg, Path(cfg.run_dir)
+        self.path = self.run_dir / CHECKPOINT
+        self.state = checkpoint.load(self.path) if self.path.exists() else None
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        self.train_set, self.test_set, self.n_classes = build_datasets(cfg)
+        steps = len(self.train_set) // cfg.batch_size
+        if steps == 0:
+            raise TrainingError(f"the training set has {len(self.train_set)} images, fewer than "
+                                f"one batch of {cfg.batch_size}; lower --batch-size")
+        self.steps_per_epoch = min(steps, cfg.steps_per_epoch or steps)
+        # a resumed run keeps its data path (the two build views differently); ranks agree
+        path = [self.state["data_path"] if self.state
+                else choose_data_path(cfg, self.train_set, self.device)]
+        if self.world_size > 1:
+            torch.distributed.broadcast_object_list(path, src=0)
+        self.data_path = path[0]
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes sharing these cores
+        self.cfg = resolve_runtime(cfg, self.device, self.data_path, here)
+        torch.set_num_threads(self.cfg.threads)
+        if self.state:
+            _check_same_run(self.state["config"], self.cfg, self.path)
+
+    def _build_model(self) -> None:
+        cfg, device = self.cfg, self.device
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = model = AMDIM(cfg, self.n_classes).to(device)
+        if cfg.channels_last:  # before DDP sizes its buckets
+            model.to(memory_format=torch.channels_last)
+        step_model = model
+        if self.world_size > 1:
+            model = distributed.synchronise_batchnorm(model, device)
+            model.gather = distributed.gather
+            step_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if device.type == "cuda" and cfg.compile:
+            step_model = torch.compile(step_model)
+        self.train_step = TrainingStep(cfg, model, device, step_model, self.world_size)
+        torch.manual_seed(cfg.seed + self.rank)  # augmentations differ between ranks
+
+    def _restore(self) -> None:
+        self.epoch = self.step_in_epoch = self.step = self.skipped_batches = 0
+        state = self.state
+        if state is None:
+            self.sums = EpochSums(self.device)
+            return
+        self.model.encoder.load_state_dict(state["encoder"])
         for name in ("probes", "mixture_head"):
-            if getattr(model, name) is not None:
-                getattr(model, name).load_state_dict(state[name])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        epoch, step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["step"]
-        chosen_path = state["data_path"]
-        sums, skipped_batches = state["epoch_sums"], state["skipped_batches"]
+            if getattr(self.model, name) is not None:
+                getattr(self.model, name).load_state_dict(state[name])
+        self.train_step.optimiser.load_state_dict(state["optimizer"])
+        self.train_step.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch, self.step = (state[k] for k in
+                                                     ("epoch", "step_in_epoch", "step"))
+        self.skipped_batches = state["skipped_batches"]  # in the epochs before this one
+        self.sums = EpochSums(self.device, state["epoch_sums"], self.step_in_epoch)
         rng = state["rng"]
-        if len(rng) == world_size:  # each rank continues its own random stream
-            torch.set_rng_state(rng[rank]["torch"])
-            if device.type == "cuda" and rng[rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(rng[rank]["cuda"], device)
+        if len(rng) == self.world_size:  # each rank continues its own random stream
+            torch.set_rng_state(rng[self.rank]["torch"])
+            if self.device.type == "cuda" and rng[self.rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(rng[self.rank]["cuda"], self.device)
         else:
             log.warning("resuming with %d processes where %d saved: random streams restart",
-                        world_size, len(rng))
-        if main_rank and epoch >= cfg.epochs:
+                        self.world_size, len(rng))
+        if self.main_rank and self.epoch >= self.cfg.epochs:
             log.info("%s has already finished its %d epochs (pass a larger --epochs to train "
-                     "on)", path, epoch)
-        elif main_rank:
-            log.info("resuming %s at epoch %d, step %d", path, epoch, step)
-    if main_rank:
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    # a resumed run keeps its path (the two paths order batches differently); ranks agree
-    data_path = [chosen_path or choose_data_path(cfg, train_set, device)]
-    if world_size > 1:
-        torch.distributed.broadcast_object_list(data_path, src=0)
-    data_path = data_path[0]
-    train_batches, test_batches = make_batches(
-        cfg, data_path, train_set, test_set if n_classes and main_rank else None, device, rank,
-        world_size)
-    if main_rank:
-        log.info("data path: %s; %d steps per epoch", data_path, steps_per_epoch)
-    if device.type == "cuda" and cfg.compile:
-        step_model = torch.compile(step_model)
+                     "on)", self.path, self.epoch)
+        elif self.main_rank:
+            log.info("resuming %s at epoch %d, step %d", self.path, self.epoch, self.step)
 
-    def save() -> None:
+    # -- training
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        metrics = {}
+        if self.main_rank:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            metrics = _keep_metrics_until(self.run_dir / "metrics.jsonl", self.epoch)
+            self.writer = SummaryWriter(str(self.run_dir))
+            log.info("data path %s, %d steps per epoch, %s, %s, %d compute threads, %d loader "
+                     "workers", self.data_path, self.steps_per_epoch, cfg.precision,
+                     "channels-last" if cfg.channels_last else "NCHW", cfg.threads, cfg.workers)
+        try:
+            with StopOnSignal() as stop, _explain_out_of_memory(cfg, self.path):
+                while self.epoch < cfg.epochs:
+                    if not self._train_epoch(stop):
+                        if self.main_rank:
+                            log.info("stopped at step %d; checkpoint %s (run the same command "
+                                     "to resume)", self.step, self.path)
+                        return {**metrics, "stopped": stop.requested or "signal",
+                                "step": self.step}
+                    metrics = self._end_epoch()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        if cfg.final_probe and self.test_set is not None and self.n_classes and self.main_rank:
+            metrics.update(compare_with_random_init(self.model.encoder, cfg.seed, self.train_set,
+                                                    self.test_set, self.device))
+        return metrics
+
+    def _train_epoch(self, stop: StopOnSignal) -> bool:
+        """The epoch's remaining steps; False if stopped (by a signal or the time limit) after
+        saving a checkpoint. Between log points no step waits for the device."""
+        cfg = self.cfg
+        self.model.train()
+        self.train_batches.set_epoch(self.epoch, self.step_in_epoch)
+        start, images = time.perf_counter(), 0
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, unit="step",
+                   desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.main_rank,
+                   mininterval=1.0, dynamic_ncols=True)
+        with bar:
+            for (x1, x2), labels in self.train_batches:
+                if self.step_in_epoch >= self.steps_per_epoch:
+                    break
+                lr = cfg.lr * lr_factor(self.step, self.steps_per_epoch, cfg)
+                if cfg.time_limit and time.perf_counter() - self.started > 60 * cfg.time_limit:
+                    stop.requested = stop.requested or "time limit"
+                x1, x2, labels = (x.to(self.device, non_blocking=True) for x in (x1, x2, labels))
+                self.sums.add(self.train_step(x1, x2, labels, lr))
+                self.step_in_epoch, self.step = self.step_in_epoch + 1, self.step + 1
+                images += len(labels) * self.world_size
+                bar.update()
+                log_point = (self.step % cfg.log_every == 0
+                             or self.step_in_epoch == self.steps_per_epoch)
+                if log_point:
+                    self._log_progress(bar, images / (time.perf_counter() - start))
+                if self._stop_now(stop, log_point):
+                    self.save()
+                    return False
+        self.images_per_s = images / (time.perf_counter() - start)
+        return True
+
+    def _stop_now(self, stop: StopOnSignal, log_point: bool) -> bool:
+        """Whether to stop now; with several processes all decide together, at log points."""
+        if self.world_size == 1:
+            return bool(stop.requested)
+        if not log_point:
+            return False
+        flag = torch.tensor(float(bool(stop.requested)), device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def _read_sums(self) -> tuple[dict[str, float], int]:
+        """The epoch's sums so far and its skipped steps; stops on a non-finite loss unless
+        cfg.skip_nonfinite (the skipped step changed no weight)."""
+        values, skipped, bad = self.sums.read(self.world_size)
+        if bad is None:
+            return values, skipped
+        step = self.step - self.step_in_epoch + bad["index"]
+        message = (f"non-finite loss at step {step} (epoch {self.epoch + 1}): "
+                   + ", ".join(f"{k}={bad[k]:.4g}" for k in NCE_TERMS + ("loss",)))
+        if not self.cfg.skip_nonfinite:
+            last = (f"the last good checkpoint is {self.path}" if self.path.exists()
+                    else "no checkpoint was saved before it")
+            raise TrainingError(f"{message}; {last}. Lower --lr, use --precision fp32, or pass "
+                                "--skip-nonfinite to skip such batches")
+        if skipped > getattr(self, "_skipped_seen", 0):
+            log.warning("%s; batch skipped (%d skipped in this epoch)", message, skipped)
+        self._skipped_seen = skipped
+        return values, skipped
+
+    def _log_progress(self, bar: tqdm, images_per_s: float) -> None:
+        values, _ = self._read_sums()
+        steps = max(values["steps"], 1)
+        bar.set_postfix(loss=f"{values['loss'] / steps:.3f}", img_s=f"{images_per_s:.0f}",
+                        lin_acc=f"{values['correct_linear'] / max(values['n_labelled'], 1):.3f}",
+                        refresh=False)
+        if self.writer is not None:  # the epoch's running means
+            for name in NCE_TERMS + ("loss",):
+                self.writer.add_scalar(f"train/{name}", values[name] / steps, self.step)
+            self.writer.add_scalar("train/lr", self.train_step.optimiser.param_groups[0]["lr"],
+                                   self.step)
+
+    def _end_epoch(self) -> dict:
+        """The epoch's metrics line (and test accuracy of the probes), then a checkpoint."""
+        values, skipped = self._read_sums()
+        steps = max(values["steps"], 1)
+        metrics = {"epoch": self.epoch + 1, "step": self.step,
+                   "lr": self.train_step.optimiser.param_groups[0]["lr"],
+                   **{k: values[k] / steps for k in LOSSES}, "images_per_s": self.images_per_s}
+        self.skipped_batches += skipped
+        if self.skipped_batches:
+            metrics["skipped_batches"] = self.skipped_batches
+        bad_files = skipped_files(self.train_set) + (
+            skipped_files(self.test_set) if self.test_set else [])
+        if bad_files:  # unreadable images left out (each named in a warning)
+            metrics["skipped_files"] = len(bad_files)
+        if self.n_classes:
+            labelled = max(values["n_labelled"], 1e-12)
+            metrics["train_linear_acc"] = values["correct_linear"] / labelled
+            metrics["train_mlp_acc"] = values["correct_mlp"] / labelled
+        if self.test_batches is not None:
+            metrics.update(probe_accuracy(self.model, self.test_batches, self.device,
+                                          autocast_for(self.cfg.precision, self.device)))
+        if self.main_rank:
+            for name, value in metrics.items():
+                self.writer.add_scalar(f"epoch/{name}", value, self.epoch + 1)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in metrics.items()))
+        self.epoch, self.step_in_epoch, self._skipped_seen = self.epoch + 1, 0, 0
+        self.sums = EpochSums(self.device)
+        self.save()
+        return metrics
+
+    def save(self) -> None:
+        """Write the checkpoint atomically (rank 0; every rank takes part)."""
+        values, _ = self._read_sums()
         rng = {"torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+               else None}
         rngs = [rng]
-        if world_size > 1:
-            rngs = [None] * world_size
+        if self.world_size > 1:
+            rngs = [None] * self.world_size
             torch.distributed.all_gather_object(rngs, rng)
-        if main_rank:
+        if self.main_rank:
+            model, step = self.model, self.train_step
             try:
                 checkpoint.save_atomic({
-                    "format": checkpoint.FORMAT, "config": cfg.to_dict(), "n_classes": n_classes,
-                    "encoder": model.encoder.state_dict(),
+                    "format": checkpoint.FORMAT, "config": self.cfg.to_dict(),
+                    "n_classes": self.n_classes, "encoder": model.encoder.state_dict(),
                     "probes": model.probes.state_dict() if model.probes else None,
                     "mixture_head": model.mixture_head.state_dict() if model.mixture_head else None,
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "rng": rngs,
-                    "data_path": data_path, "epoch_sums": sums,
-                    "skipped_batches": skipped_batches},
-                    path)
+                    "optimizer": step.optimiser.state_dict(), "scaler": step.scaler.state_dict(),
+                    "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
+                    "rng": rngs, "data_path": self.data_path,
+                    "epoch_sums": torch.tensor(list(values.values()), dtype=torch.float64),
+                    "skipped_batches": self.skipped_batches}, self.path)
             except OSError as error:  # e.g. a full disk: save_atomic left the old file intact
                 raise TrainingError(
-                    f"could not write the checkpoint {path} ({error.strerror or error}); the "
-                    "previous checkpoint there is kept. Free some space and run the same "
+                    f"could not write the checkpoint {self.path} ({error.strerror or error}); "
+                    "the previous checkpoint there is kept. Free some space and run the same "
                     "command to resume.") from None
-        if world_size > 1:
+        if self.world_size > 1:
             torch.distributed.barrier()
-
-    writer = None
-    if main_rank:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir))
-    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    metrics = _keep_metrics_until(run_dir / "metrics.jsonl", epoch) if main_rank else {}
-    # -- the loop
-    with StopOnSignal() as stop, _explain_out_of_memory(cfg, path):
-        while epoch < cfg.epochs:
-            model.train()
-            train_batches.set_epoch(epoch, step_in_epoch)
-            start, images_seen = time.perf_counter(), 0
-            bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, disable=not main_rank,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", mininterval=1.0,
-                       dynamic_ncols=True)
-            for (x1, x2), labels in train_batches:
-                if step_in_epoch >= steps_per_epoch:
-                    break
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(step, steps_per_epoch, cfg)
-                if cfg.time_limit and time.perf_counter() - started > 60 * cfg.time_limit:
-                    stop.requested = stop.requested or "time limit"
-                x1, x2 = (x.to(device, non_blocking=True, memory_format=memory_format)
-                          for x in (x1, x2))
-                labels = labels.to(device, non_blocking=True)
-                with autocast():
-                    out = step_model(x1, x2, labels)
-                zero = torch.zeros((), device=device)
-                values = torch.stack([out.get(k, zero).detach().double() for k in SUMS[:-1]]
-                                     + [torch.tensor(float(bool(stop.requested)), device=device,
-                                                     dtype=torch.float64)])
-                if world_size > 1:  # every rank takes the same decisions below
-                    torch.distributed.all_reduce(values)
-                    values[:len(NCE_TERMS) + 2] /= world_size
-                values, stop_now = values[:-1].cpu(), values[-1].item() > 0
-                if not torch.isfinite(values).all():
-                    message = (f"non-finite loss at step {step} (epoch {epoch + 1}): " + ", ".join(
-                        f"{k}={v:.4g}" for k, v in zip(SUMS[:len(NCE_TERMS) + 1], values.tolist())))
-                    if not cfg.skip_nonfinite:
-                        raise TrainingError(message + f"; the last good checkpoint is {path}. "
-                                            "Lower --lr, use --precision fp32, or pass "
-                                            "--skip-nonfinite to skip such batches")
-                    log.warning(message + "; batch skipped")
-                    skipped_batches += 1
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(out["loss"]).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    sums += torch.cat([values, torch.ones(1, dtype=torch.float64)])
-                    images_seen += len(labels) * world_size
-                step_in_epoch += 1
-                step += 1
-                bar.update()
-                bar.set_postfix(loss=f"{values[4]:.3f}", refresh=False,
-                                img_s=f"{images_seen / (time.perf_counter() - start):.0f}",
-                                lin_acc=f"{values[6] / max(values[8], 1):.3f}")
-                if writer is not None and step % cfg.log_every == 0:
-                    for name, value in zip(SUMS[:len(NCE_TERMS) + 1], values.tolist()):
-                        writer.add_scalar(f"train/{name}", value, step)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-                if stop_now:
-                    bar.close()
-                    save()
-                    if main_rank:
-                        log.info("stopped at step %d; checkpoint %s (run the same command to "
-                                 "resume)", step, path)
-                        writer.close()
-                    return {**metrics, "stopped": stop.requested or "signal", "step": step}
-            bar.close()
-            mean = dict(zip(SUMS, (sums / max(sums[-1].item(), 1)).tolist()))
-            metrics = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                       **{k: mean[k] for k in NCE_TERMS + ("loss", "probe_loss")},
-                       "images_per_s": images_seen / (time.perf_counter() - start)}
-            if skipped_batches:
-                metrics["skipped_batches"] = skipped_batches
-            bad_files = skipped_files(train_set) + (skipped_files(test_set) if test_set else [])
-            if bad_files:  # unreadable images left out (each named in a warning)
-                metrics["skipped_files"] = len(bad_files)
-            if n_classes:
-                labelled = max(mean["n_labelled"], 1e-12)  # (ratios of means = ratios of sums)
-                metrics["train_linear_acc"] = mean["correct_linear"] / labelled
-                metrics["train_mlp_acc"] = mean["correct_mlp"] / labelled
-            if test_batches is not None:
-                metrics.update(probe_accuracy(model, test_batches, device, autocast))
-            if main_rank:
-                for name, value in metrics.items():
-                    writer.add_scalar(f"epoch/{name}", value, epoch + 1)
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                  for k, v in metrics.items()))
-            epoch, step_in_epoch = epoch + 1, 0
-            sums = torch.zeros(len(SUMS), dtype=torch.float64)
-            save()
-    if writer is not None:
-        writer.close()
-    if cfg.final_probe and test_set is not None and n_classes and main_rank:
-        metrics.update(compare_with_random_init(model.encoder, cfg.seed, train_set, test_set, device))
-    return metrics
 
 
 # -- command line
