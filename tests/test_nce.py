@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from amdim import Encoder, EncoderConfig, Features, multiscale_nce
+from amdim.config import preset
+from amdim.model import AMDIM
+from amdim.nce import OBJECTIVE_TERMS, objective
 
-NAMES = ("loss_1t5", "loss_1t7", "loss_5t5", "score_reg")
+NAMES = OBJECTIVE_TERMS
 
 
 def load_case(path):
@@ -21,7 +24,7 @@ def load_case(path):
 def test_matches_authors_reference(reference, case):
     (f1, f2), locations, tclip, expected = load_case(reference / f"nce_case{case}.npz")
     losses = multiscale_nce(f1, f2, tclip=tclip, source_locations=locations)
-    assert set(losses) == set(NAMES)
+    assert set(losses) == set(NAMES) == {"loss_1t5", "loss_1t7", "loss_5t5", "score_reg"}
     for name in NAMES:
         assert losses[name].item() == pytest.approx(expected[name], rel=1e-5), name
 
@@ -96,3 +99,52 @@ def test_loss_decreases_on_a_fixed_batch():
         optimiser.step()
         history.append(loss.item())
     assert history[-1] < 0.7 * history[0], history
+
+
+def large_features(scale=3.0):
+    """Features whose raw dot products overflow fp16 (image 0 is 20x larger than the others),
+    while the scores scaled by 1/sqrt(D) stay inside its range."""
+    f = Features(torch.randn(4, 256, 1, 1) * scale, torch.randn(4, 256, 5, 5) * scale,
+                 torch.randn(4, 256, 7, 7) * scale)
+    for maps in f:
+        maps[0] *= 20
+    return f
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float16, 1e-3), (torch.bfloat16, 1e-2)])
+def test_large_scores_finite_under_fp16_and_bf16_autocast(dtype, rtol):
+    f1, f2 = large_features(), large_features()
+    raw = f1.r1.flatten(1) @ f2.r7.flatten(2).transpose(0, 1).flatten(1)  # (B, B*49) raw dots
+    assert raw.abs().max() > torch.finfo(torch.float16).max  # the case that used to give inf
+    locations = (torch.randint(0, 25, (4,)), torch.randint(0, 25, (4,)))
+    expected = multiscale_nce(f1, f2, source_locations=locations)
+    low = [Features(*(t.to(dtype).requires_grad_() for t in f)) for f in (f1, f2)]
+    with torch.autocast("cpu", dtype=dtype):
+        losses = multiscale_nce(*low, source_locations=locations)
+    for name in NAMES:
+        assert torch.isfinite(losses[name]), name
+        assert losses[name].item() == pytest.approx(expected[name].item(), rel=rtol), name
+    objective(losses).backward()
+    assert all(torch.isfinite(t.grad).all() for f in low for t in f)
+
+
+def test_objective_is_the_sum_of_the_named_terms():
+    f = Features(torch.randn(3, 8, 1, 1), torch.randn(3, 8, 5, 5), torch.randn(3, 8, 7, 7))
+    losses = multiscale_nce(f, f)
+    total = losses["loss_1t5"] + losses["loss_1t7"] + losses["loss_5t5"] + losses["score_reg"]
+    losses["diagnostic"] = torch.tensor(100.0)  # not a loss term: must not be minimised
+    assert torch.equal(objective(losses), total)
+
+
+def test_model_loss_ignores_extra_nce_outputs(monkeypatch):
+    model = AMDIM(preset("digits", ndf=8, n_rkhs=64, n_depth=1), n_classes=0)
+    x1, x2, labels = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.zeros(4).long()
+    locations = (torch.randint(0, 25, (4,)), torch.randint(0, 25, (4,)))
+    plain = model.nce
+
+    def nce_with_diagnostic(*args):
+        return {**plain(*args), "diagnostic": torch.tensor(100.0)}
+
+    monkeypatch.setattr(model, "nce", nce_with_diagnostic)
+    out = model(x1, x2, labels, locations)
+    assert torch.equal(out["loss"], objective(out))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import Features
-from .nce import SCORE_PENALTY, _pick_locations, directions, multiscale_nce, nce_task
+from .nce import multiscale_nce, nce_log_probs
 
 OUTPUT_INIT_SCALE = 0.1  # output layer starts at 0.1x the default init: small, but random
 
@@ -48,28 +48,6 @@ class MixtureHead(nn.Module):
         return f1[:, None, :] + residual
 
 
-def _component_log_probs(sources: torch.Tensor, target: torch.Tensor, tclip: float
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-component NCE log-softmax of every positive: (B, K, D), (B, D, H, W) ->
-    ((B, K, H*W) float32, score_reg). The same arithmetic as nce.nce_task, one row per component."""
-    batch, n_mix, dim = sources.shape
-    n_loc = target.shape[2] * target.shape[3]
-    # (B, D, H, W) -> (D, B*H*W); (B, K, D) -> (B*K, D): one matmul scores every component
-    # of every source against every location of every image
-    target = target.flatten(2).transpose(0, 1).reshape(dim, batch * n_loc)
-    scores = (sources.reshape(batch * n_mix, dim) @ target).float()
-    scores = scores.view(batch, n_mix, batch, n_loc) / dim ** 0.5  # (source, K, image, L)
-    score_reg = SCORE_PENALTY * scores.square().mean()  # mean over components too
-    scores = tclip * torch.tanh(scores / tclip)
-    same_image = torch.eye(batch, dtype=torch.bool, device=scores.device)
-    # (B, K, B, L) -> (K, L, B) -> (B, K, L): image b's components vs its own view
-    positive = scores.diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-    # (B, K, B, L) -> (B, K): each component's log-sum-exp over all locations of other images
-    negative = scores.masked_fill(same_image[:, None, :, None], float("-inf")).flatten(2)
-    negative = negative.logsumexp(2)
-    return positive - torch.logaddexp(positive, negative[:, :, None]), score_reg
-
-
 def mixture_nce_task(sources: torch.Tensor, target: torch.Tensor, tclip: float, alpha: float
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mixture NCE of predicting the target maps from K source vectors per image.
@@ -83,7 +61,7 @@ def mixture_nce_task(sources: torch.Tensor, target: torch.Tensor, tclip: float, 
     """
     if alpha <= 0:
         raise ValueError(f"alpha (the mixture entropy weight) must be > 0, got {alpha}")
-    log_prob, score_reg = _component_log_probs(sources, target, tclip)  # (B, K, L)
+    log_prob, score_reg = nce_log_probs(sources, target, tclip)  # (B, K, L)
     batch, n_mix = log_prob.shape[:2]
     if n_mix == 1:  # logsumexp of one term is the term; skip the /alpha*alpha rounding
         objective = log_prob[:, 0]
@@ -111,18 +89,13 @@ def multiscale_mixture_nce(
     """
     if head is None:
         return multiscale_nce(features_x1, features_x2, tclip, source_locations)
-    losses = {"loss_1t5": 0.0, "loss_1t7": 0.0, "loss_5t5": 0.0, "score_reg": 0.0}
-    # summed in multiscale_nce's order, so a K = 1 identity head reproduces it bit for bit
-    for source, target, locations in directions(features_x1, features_x2, source_locations):
-        mixture = head(source.r1.flatten(1))  # (B, D, 1, 1) -> (B, D) -> (B, K, D)
-        for name, maps in (("loss_1t5", target.r5), ("loss_1t7", target.r7)):
-            loss, score_reg, _ = mixture_nce_task(mixture, maps, tclip, alpha)
-            losses[name] = losses[name] + 0.5 * loss  # mean over the two directions
-            losses["score_reg"] = losses["score_reg"] + 0.5 * score_reg
-        loss, score_reg = nce_task(_pick_locations(source.r5, locations), target.r5, tclip)
-        losses["loss_5t5"] = losses["loss_5t5"] + 0.5 * loss
-        losses["score_reg"] = losses["score_reg"] + 0.5 * score_reg
-    return losses
+
+    def global_task(r1: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the head runs once per task: a (B, D) MLP, negligible beside the (B*K, B*H*W) scores
+        loss, score_reg, _ = mixture_nce_task(head(r1), maps, tclip, alpha)  # (B, D) -> (B, K, D)
+        return loss, score_reg
+
+    return multiscale_nce(features_x1, features_x2, tclip, source_locations, global_task)
 
 
 @torch.no_grad()

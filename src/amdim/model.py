@@ -13,14 +13,15 @@ from torch import nn
 from .classifiers import Probes, clipped_cross_entropy
 from .config import PretrainConfig
 from .encoder import Encoder, Features
-from .nce import multiscale_nce, random_locations
+from .nce import multiscale_nce, objective, random_locations
 
 
 class AMDIM(nn.Module):
     """forward(x1, x2: (B, 3, S, S), labels: (B,) with -1 for unlabelled[, source_locations])
     -> dict of scalars:
-    the NCE terms, `probe_loss`, `loss` (what to minimise), and `correct_linear`, `correct_mlp`,
-    `n_labelled` (counts on this batch, both views)."""
+    the NCE terms (nce.OBJECTIVE_TERMS), `probe_loss`, `loss` (what to minimise: the NCE terms
+    plus `probe_loss`), and `correct_linear`, `correct_mlp`, `n_labelled` (counts on this batch,
+    both views)."""
 
     def __init__(self, cfg: PretrainConfig, n_classes: int):
         super().__init__()
@@ -55,7 +56,7 @@ class AMDIM(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         f1, f2 = self.encoder(x1), self.encoder(x2)  # two passes: batch norm sees each view alone
         out = self.nce(f1, f2, source_locations)
-        out["loss"] = sum(out.values())
+        out["loss"] = objective(out)  # the named NCE terms, not whatever else nce() returns
         if self.probes is None:
             return out
         # the probes read detached global features of both views
