@@ -1,15 +1,19 @@
 """Two CPU processes (gloo) must train exactly like one process on the concatenated batch."""
+import itertools
 import json
 import os
 import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from amdim import checkpoint, distributed
+from amdim.classifiers import clipped_cross_entropy
 from amdim.config import preset
 from amdim.model import AMDIM
 
@@ -53,44 +57,147 @@ def one_step(model, step_model, x1, x2, labels, locations):
     out["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     optimizer.step()
-    return out["loss"].detach(), grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {k: v.detach() for k, v in out.items()}, grads, params
+
+
+def per_rank_probes(x1, x2, labels, world_size=2):
+    """The probes' gradients and mean loss under DDP: each rank's probes (their batch norm
+    included) see only its own images, and DDP averages the ranks' gradients."""
+    model = build()
+    grads, mean_loss = {}, 0
+    with torch.no_grad():  # the probes read detached features; the encoder is in train mode
+        r1_x1, r1_x2 = model.encoder(x1).r1, model.encoder(x2).r1
+    for part in torch.arange(BATCH).chunk(world_size):
+        logits_mlp, logits_linear = model.probes(torch.cat([r1_x1[part], r1_x2[part]]))
+        both = torch.cat([labels[part], labels[part]])
+        loss = clipped_cross_entropy(logits_mlp, both) + clipped_cross_entropy(logits_linear, both)
+        for name, grad in zip(
+                [n for n, _ in model.probes.named_parameters()],
+                torch.autograd.grad(loss, list(model.probes.parameters()))):
+            grads["probes." + name] = grads.get("probes." + name, 0) + grad / world_size
+        mean_loss = mean_loss + loss.detach() / world_size
+    return grads, mean_loss
+
+
+def distributed_model(channels_last: bool):
+    """The model as train.py distributes it: global batch norm in the encoder, gathered NCE."""
+    model = build()
+    model.encoder = distributed.synchronise_batchnorm(model.encoder)
+    model.gather = distributed.gather
+    if channels_last:  # as on CUDA: r5 and r7 come out channels-last
+        model.to(memory_format=torch.channels_last)
+    return model, torch.nn.parallel.DistributedDataParallel(model)
 
 
 def worker(rank, world_size, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    distributed.setup("cpu")
-    model = distributed.synchronise_batchnorm(build(), torch.device("cpu"))
-    model.gather = distributed.gather
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    assert distributed.setup(torch.device("cpu")) == (rank, world_size, torch.device("cpu"))
     x1, x2, labels, locations = fixed_batch()
     part = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
-    result = one_step(model, ddp, x1[part], x2[part], labels[part], tuple(l[part] for l in locations))
-    state = {k: v for k, v in model.state_dict().items() if "running" in k}
-    torch.save((result, state), os.path.join(out_dir, f"rank{rank}.pt"))
+    for channels_last in (False, True):
+        model, ddp = distributed_model(channels_last)
+        views = [x[part] for x in (x1, x2)]
+        if channels_last:
+            views = [x.contiguous(memory_format=torch.channels_last) for x in views]
+        result = one_step(model, ddp, *views, labels[part], tuple(l[part] for l in locations))
+        state = {k: v for k, v in model.state_dict().items() if "running" in k}
+        torch.save((result, state), os.path.join(out_dir, f"rank{rank}_{channels_last}.pt"))
+        r5 = model.eval().encoder(views[0]).r5  # (eval: no statistics update, no collective)
+        assert r5.is_contiguous(memory_format=torch.channels_last) == channels_last
+    model, ddp = distributed_model(channels_last=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # global batch norm of bf16 activations
+        bf16 = ddp(x1[part], x2[part], labels[part], tuple(l[part] for l in locations))
+    bf16["loss"].backward()
+    torch.save(bf16["loss"].detach(), os.path.join(out_dir, f"rank{rank}_bf16.pt"))
     dist.destroy_process_group()
 
 
 def test_two_processes_equal_one_process(tmp_path):
+    """Also with channels-last features, and with per-rank probes."""
     mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     model = build()
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    loss, grads, params = one_step(model, model, *fixed_batch())
-    running = {k: v for k, v in model.state_dict().items() if "running" in k}
-    for rank in range(2):
-        (d_loss, d_grads, d_params), d_running = torch.load(tmp_path / f"rank{rank}.pt")
+    out, grads, params = one_step(model, model, *fixed_batch())
+    running = {k: v for k, v in model.state_dict().items()
+               if "running" in k and not k.startswith("probes.")}
+    x1, x2, labels, _ = fixed_batch()
+    probe_grads, probe_loss = per_rank_probes(x1, x2, labels)
+    for rank, channels_last in itertools.product(range(2), (False, True)):
+        (_, d_grads, d_params), d_running = torch.load(tmp_path / f"rank{rank}_{channels_last}.pt")
         # the NCE and its negatives span the global batch; the probe loss is averaged by DDP
         assert set(d_grads) == set(grads)
         for name in grads:
-            assert close(d_grads[name], grads[name]), name
+            expected = probe_grads[name] if name.startswith("probes.") else grads[name]
+            assert close(d_grads[name], expected), (channels_last, name)
         for name in params:
-            assert close(d_params[name] - initial[name], params[name] - initial[name]), name
+            if not name.startswith("probes."):  # (the probes' step is checked by their grads)
+                assert close(d_params[name] - initial[name], params[name] - initial[name]), name
         for name in running:  # batch statistics were taken over the global batch
             torch.testing.assert_close(d_running[name], running[name], rtol=1e-4, atol=1e-6, msg=name)
     # rank 0's loss: NCE over the whole batch + its own half's probe loss; the mean of the two
-    # ranks' losses is the single-process loss
-    losses = [torch.load(tmp_path / f"rank{r}.pt")[0][0] for r in range(2)]
-    torch.testing.assert_close(sum(losses) / 2, loss, rtol=1e-5, atol=1e-6)
+    # ranks' losses is the single-process NCE + the mean of the per-rank probe losses
+    losses = [torch.load(tmp_path / f"rank{r}_False.pt")[0][0]["loss"] for r in range(2)]
+    expected = out["loss"] - out["probe_loss"] + probe_loss
+    torch.testing.assert_close(sum(losses) / 2, expected, rtol=1e-5, atol=1e-6)
+    for rank in range(2):  # the same step under bf16 autocast
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}_bf16.pt"), losses[rank],
+                                   rtol=2e-3, atol=0)
+
+
+# ops that make the host wait for the device (a boolean mask index runs a nonzero)
+HOST_SYNCS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero"}
+
+
+class RecordOps(TorchDispatchMode):
+    """Names of the ATen ops run under it; a boolean-mask index is recorded as aten.nonzero."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name == "aten.index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            name = "aten.nonzero"
+        self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def compile_worker(rank, world_size, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    distributed.setup(torch.device("cpu"))
+    model, ddp = distributed_model(channels_last=False)
+    x1, x2, labels, locations = fixed_batch()
+    part = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
+    inputs = (x1[part], x2[part], labels[part], tuple(l[part] for l in locations))
+    with RecordOps() as forward:
+        loss = model(*inputs)["loss"]
+    with RecordOps() as backward:
+        loss.backward()
+    explanation = torch._dynamo.explain(ddp)(*inputs)
+    reasons = [str(reason) for reason in explanation.break_reasons]
+    torch.save((explanation.graph_break_count, reasons, forward.ops, backward.ops),
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_model_compiles_whole_and_never_syncs(tmp_path):
+    """The gathers and the batch norms' all-reduces trace into one compiled graph (no graph
+    break), no op waits for the device, and the gathers' backward needs no collective."""
+    mp.spawn(compile_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        count, reasons, forward, backward = torch.load(tmp_path / f"rank{rank}.pt")
+        assert count == 0, reasons
+        assert not HOST_SYNCS & {*forward, *backward}
+        # 3 maps x 2 views + 2 location vectors gathered; each batch norm sums twice
+        assert forward.count("_c10d_functional.all_gather_into_tensor") == 8
+        n_reductions = forward.count("_c10d_functional.all_reduce")
+        assert n_reductions > 0 and backward.count("_c10d_functional.all_reduce") == n_reductions
+        assert not {op for op in backward if "gather" in op or "scatter" in op}
 
 
 def torchrun(run_dir, epochs):
