@@ -21,7 +21,7 @@ from torch import nn
 _features_group = None  # our collectives inside the model's backward: kept apart from DDP's
 
 
-def setup(device: torch.device | str) -> tuple[int, int, torch.device]:
+def setup(device: torch.device) -> tuple[int, int, torch.device]:
     """Join torchrun's process group: (rank, world_size, this rank's device).
 
     device: the requested device; under torchrun a CUDA device becomes cuda:LOCAL_RANK, made
@@ -29,9 +29,6 @@ def setup(device: torch.device | str) -> tuple[int, int, torch.device]:
     A device type string (the old call) returns LOCAL_RANK in place of the device.
     """
     global _features_group
-    if isinstance(device, str):  # transitional: the old setup(device.type) -> local_rank
-        rank, world_size, _ = setup(torch.device(device))
-        return rank, world_size, int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, device
@@ -111,11 +108,10 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
-def synchronise_batchnorm(module: nn.Module, device: torch.device | None = None) -> nn.Module:
+def synchronise_batchnorm(module: nn.Module) -> nn.Module:
     """Every batch norm in module normalises over the global batch (AllReduceBatchNorm, on
     every device). Parameters and statistics are kept: the same tensors, on their device.
-    Pass the encoder only: the probes read detached features and keep per-rank batch norm.
-    device: unused, accepted for the old call synchronise_batchnorm(model, device)."""
+    Pass the encoder only: the probes read detached features and keep per-rank batch norm."""
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             replacement = AllReduceBatchNorm(child.num_features, child.eps, child.momentum,

@@ -14,8 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .config import PretrainConfig
-
-NCE_TERMS = ("loss_1t5", "loss_1t7", "loss_5t5", "score_reg")
+from .nce import OBJECTIVE_TERMS as NCE_TERMS
 # what each step adds to the epoch's sums: the NCE terms, losses, probe counts, and 1 for a
 # step whose update was applied (a skipped, non-finite step adds nothing)
 SUMS = NCE_TERMS + ("loss", "probe_loss", "correct_linear", "correct_mlp", "n_labelled", "steps")
@@ -43,7 +42,10 @@ class TrainingStep:
     the optimiser's moments and its step count are left as they were).
 
     model: the AMDIM module (its parameters are optimised); step_model: what is called, the
-    model itself or its DDP / compiled wrapper."""
+    model itself or its DDP / compiled wrapper. With cfg.skip_nonfinite the batch-norm running
+    statistics of a skipped step are restored too (a NaN batch would poison them for good):
+    two small ops per statistic, so only where skipping is asked for; otherwise a non-finite
+    step stops the run and its statistics are never saved."""
 
     def __init__(self, cfg: PretrainConfig, model: torch.nn.Module, device: torch.device,
                  step_model: Callable | None = None, world_size: int = 1):
@@ -53,6 +55,8 @@ class TrainingStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.autocast = autocast_for(cfg.precision, device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.statistics = ([b for b in model.buffers() if b.is_floating_point()]
+                           if cfg.skip_nonfinite else [])
 
     def forward_backward(self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor,
                          model: Callable | None = None) -> dict[str, torch.Tensor]:
@@ -67,10 +71,13 @@ class TrainingStep:
                  lr: float) -> torch.Tensor:
         for group in self.optimiser.param_groups:
             group["lr"] = lr
+        saved = torch._foreach_add(self.statistics, 0.0) if self.statistics else []  # copies
         out = self.forward_backward(view1, view2, labels)
         finite = torch.isfinite(out["loss"].detach()).float()
         if self.world_size > 1:  # the probes' loss is per rank: every rank skips together
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        for statistic, before in zip(self.statistics, saved):
+            statistic.copy_(torch.where(finite > 0, statistic, before))
         if self.scaler.is_enabled():  # fp16: the scaler skips steps with non-finite gradients
             self.scaler.step(self.optimiser)
         else:

@@ -196,7 +196,7 @@ class Pretraining:
             model.to(memory_format=torch.channels_last)
         step_model = model
         if self.world_size > 1:
-            model = distributed.synchronise_batchnorm(model, device)
+            distributed.synchronise_batchnorm(model.encoder)
             model.gather = distributed.gather
             step_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
