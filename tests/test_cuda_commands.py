@@ -135,3 +135,22 @@ def test_segment_maps_on_the_device_drawn_on_the_cpu(fake_cuda):
         "r5": ("cpu", (4, 3, 5, 5)), "r7": ("cpu", (4, 3, 7, 7))}
     pictures = segment.pictures(torch.randn(4, 3, 32, 32, device=CUDA), (0.5,) * 3, (0.2,) * 3)
     assert pictures.device.type == "cpu" and pictures.shape == (4, 32, 32, 3)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_pretraining_forward_and_sums_on_fake_cuda(fake_cuda, precision):
+    """amdim pretrain's and amdim benchmark's step up to the backward (which fake CUDA cannot
+    run): the model channels-last under autocast, its outputs summed on the device."""
+    from amdim.config import preset
+    from amdim.model import AMDIM
+    from amdim.step import EpochSums, autocast_for, step_values
+
+    cfg = preset("digits", ndf=8, n_rkhs=64, n_depth=1, batch_size=4, precision=precision)
+    model = on_cuda(lambda: AMDIM(cfg, 10).to(memory_format=torch.channels_last))
+    x = torch.randn(4, 3, 32, 32, device=CUDA).contiguous(memory_format=torch.channels_last)
+    sums = EpochSums(CUDA)
+    for _ in range(2):
+        with autocast_for(precision, CUDA)():
+            out = model(x, x, torch.arange(4, device=CUDA))
+        sums.add(step_values(out, torch.isfinite(out["loss"]).float()))
+    assert sums.sums.device.type == "cuda" and not fake_cuda.copies

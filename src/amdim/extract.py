@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterable
 
@@ -20,6 +19,7 @@ from . import checkpoint
 from .config import resolve_device
 from .data import STATS, DataError, ImageFiles, class_names, labelled_split, normalisation
 from .encoder import Encoder, Features
+from .step import autocast_for
 from .views import evaluation_transform
 
 log = logging.getLogger("amdim")
@@ -34,16 +34,6 @@ def checkpoint_data(state: dict, data: str | None, data_root: str | None) -> tup
                         "--data (digits, cifar10, cifar100, stl10, or a folder with train/<class>/ "
                         "and val/<class>/)")
     return data, data_root or config.get("data_root", "data")
-
-
-def precision_context(device: torch.device, precision: str):
-    """The autocast context of precision fp32 (none), bf16 or fp16 on `device`."""
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _layout(device: torch.device) -> torch.memory_format:
@@ -61,7 +51,7 @@ def encode_batch(encoder: Encoder, images: torch.Tensor, precision: str = "fp32"
     """The encoder's Features of normalised images (B, 3, S, S) (any device: moved to the
     encoder's, channels-last on CUDA), under autocast at `precision`, without gradients."""
     device = next(encoder.parameters()).device
-    with precision_context(device, precision):
+    with autocast_for(precision, device)():
         return encoder(images.to(device, non_blocking=True, memory_format=_layout(device)))
 
 

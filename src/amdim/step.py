@@ -85,9 +85,13 @@ class TrainingStep:
             self.optimiser.step()
             del self.optimiser.found_inf
         self.scaler.update()
-        zero = finite.new_zeros(())
-        return torch.stack([out.get(k, zero).detach().float() for k in SUMS[:-1]]
-                           + [finite]).double()
+        return step_values(out, finite)
+
+
+def step_values(out: dict[str, torch.Tensor], finite: torch.Tensor) -> torch.Tensor:
+    """The model's outputs and the applied flag () -> (len(SUMS),) float64, on their device."""
+    zero = finite.new_zeros(())
+    return torch.stack([out.get(k, zero).detach().float() for k in SUMS[:-1]] + [finite]).double()
 
 
 class EpochSums:
