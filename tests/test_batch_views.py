@@ -1,11 +1,18 @@
 """BatchViews (batched, on-device views) against the CPU path (views.py, PIL + torchvision):
 each augmentation alone per pixel for the same parameters, then the statistics of whole views
-over many random draws."""
+over many random draws; on CUDA, how many kernels a batch launches and that none waits for the
+host, checked without a GPU on fake CUDA tensors."""
+import itertools
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms._functional_tensor import _rgb2hsv
 
@@ -110,6 +117,43 @@ def test_colour_jitter_equals_torchvision_in_each_order():
             expected = ops[op](expected)
         # torchvision's tensor luma is 0.2989 R, PIL's (the CPU path's) 0.299 R: <= 1e-4 apart
         torch.testing.assert_close(got[i], expected, atol=1e-4, rtol=0)
+
+
+def test_colour_jitter_equals_torchvision_in_every_order():
+    # the 24 orders put the hue at each of its 4 positions, so every step of the 7 is used
+    orders = torch.tensor(list(itertools.permutations(range(4))))
+    images = colour_images(len(orders), 12, seed=5).float() / 255
+    g = torch.Generator().manual_seed(6)
+    factors = 0.6 + 0.8 * torch.rand(3, len(orders), generator=g)
+    hue = 0.4 * torch.rand(len(orders), generator=g) - 0.2
+    got = bv.colour_jitter(images, *factors, hue, orders)
+    for i, order in enumerate(orders.tolist()):
+        expected = images[i]
+        for op in order:
+            expected = (lambda x: TF.adjust_brightness(x, float(factors[0, i])),
+                        lambda x: TF.adjust_contrast(x, float(factors[1, i])),
+                        lambda x: TF.adjust_saturation(x, float(factors[2, i])),
+                        lambda x: TF.adjust_hue(x, float(hue[i])))[op](expected)
+        torch.testing.assert_close(got[i], expected, atol=1e-4, rtol=0)
+    # factors of 1 and no hue shift change nothing
+    ones = torch.ones(len(orders))
+    same = bv.colour_jitter(images, ones, ones, ones, 0 * hue, orders)
+    torch.testing.assert_close(same, images, atol=1e-6, rtol=0)
+
+
+def test_jittered_views_equal_colour_jitter_per_image():
+    n = 16
+    images = colour_images(n, 32, seed=7)
+    views = bv.BatchViews(32, MEAN, STD, flip_p=0.0, translate_p=0.0, jitter_p=1.0,
+                          grayscale_p=0.0)
+    got = torch.cat(views(images, torch.Generator().manual_seed(7)))
+    # the same draws (copies, B, COLUMNS), read as BatchViews reads them
+    u = torch.rand((2, n, bv.COLUMNS), generator=torch.Generator().manual_seed(7)).flatten(0, 1)
+    gains, hue = bv.JITTER * (2 * u[:, bv.GAINS][:, :3] - 1), views.hue * (2 * u[:, 7] - 1)
+    order = u[:, bv.ORDER].argsort(1).argsort(1)  # BatchViews reads the argsort as positions
+    expected = bv.colour_jitter(torch.cat([images, images]).float() / 255, *(1 + gains).T, hue,
+                                order)
+    torch.testing.assert_close(unnormalise(got), expected, atol=1e-5, rtol=0)
 
 
 def test_grayscale_equals_pil():
@@ -299,3 +343,102 @@ def test_fixed_parameter_ops_agree_between_cpu_and_cuda():
     one, two = bv.BatchViews(128, MEAN, STD)(colour_images(4, 128).cuda(),
                                               torch.Generator("cuda").manual_seed(0))
     assert one.device.type == "cuda" and one.shape == two.shape == (4, 3, 128, 128)
+
+
+@pytest.mark.parametrize("image_size,source", [(32, 32), (64, 96)])
+def test_channels_last_views_equal_the_default_ones(image_size, source):
+    images = colour_images(6, source)
+    default = bv.BatchViews(image_size, MEAN, STD)(images, torch.Generator().manual_seed(0))
+    last = bv.BatchViews(image_size, MEAN, STD, channels_last=True)(
+        images, torch.Generator().manual_seed(0))
+    for a, b in zip(default, last):
+        assert a.is_contiguous() and b.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def test_views_are_float32_under_autocast():
+    images = colour_images(4, 96)
+    views = bv.BatchViews(64, MEAN, STD)
+    expected = views(images, torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = views(images, torch.Generator().manual_seed(0))
+    for a, b in zip(expected, got):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+
+
+def test_32px_views_of_larger_images_fit_them_as_the_evaluation_transform():
+    images = colour_images(4, 40)
+    plain = bv.BatchViews(32, MEAN, STD, flip_p=0.0, translate_p=0.0, jitter_p=0.0,
+                          grayscale_p=0.0)
+    expected = bv.BatchEvaluation(32, MEAN, STD)(images)
+    for view in (*plain(images), plain.view(images)):
+        torch.testing.assert_close(view, expected, atol=1e-5, rtol=0)
+
+
+# --- on CUDA, checked without a GPU ----------------------------------------------------
+
+class KernelLog(TorchDispatchMode):
+    """The ATen ops that run, except views (they make metadata, launch nothing), and those
+    that make the host wait for the device: reading a device value (.item(), .tolist(), Python
+    control flow on a tensor), an output whose size depends on device data (nonzero, boolean
+    indexing), a copy from the device to the host, a blocking copy from the host (it drains
+    the stream first: torch.tensor(..., device="cuda"))."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels, self.syncs = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten, kwargs = torch.ops.aten, kwargs or {}
+        if func.namespace == "aten" and not func.is_view:
+            self.kernels.append(str(func))
+        # aten.index is tagged for boolean masks; with integer indices its output has their shape
+        masks = func is not aten.index.Tensor or any(
+            i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+        if torch.Tag.data_dependent_output in func.tags or \
+                (torch.Tag.dynamic_output_shape in func.tags and masks):
+            self.syncs.append(str(func))
+        out = func(*args, **kwargs)
+        inputs = {t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        outputs = {t.device.type for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
+        if "cuda" in inputs and "cpu" in outputs:
+            self.syncs.append(f"{func} to the host")
+        if func is aten._to_copy.default:
+            source, non_blocking = args[0], kwargs.get("non_blocking", False)
+        elif func is aten.copy_.default:
+            source, non_blocking = args[1], args[2] if len(args) > 2 else False
+        else:
+            source = None
+        if source is not None and source.device.type == "cpu" and "cuda" in outputs \
+                and not non_blocking:
+            self.syncs.append(f"{func} blocking, from the host")
+        return out
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("image_size,source", [(32, 32), (32, 40), (64, 96), (128, 128),
+                                               (128, 160)])
+def test_views_on_cuda_take_at_most_80_kernels_and_never_wait_for_the_host(
+        image_size, source, channels_last):
+    # FakeTensorMode makes CUDA tensors without a GPU: ops run for their shapes and devices
+    # only. The views' random numbers come from the device's default generator here (a fake
+    # mode cannot make a torch.Generator("cuda")); a given generator draws them the same way.
+    with FakeTensorMode():
+        images = torch.empty(64, 3, source, source, dtype=torch.uint8, device="cuda")
+        views = bv.BatchViews(image_size, MEAN, STD, channels_last=channels_last)
+        with KernelLog() as first:  # the first batch also makes the constants on the device
+            views(images)
+        with KernelLog() as log:
+            one, two = views(images)
+        with KernelLog() as single:  # one view, as evaluate's FlippedView takes it
+            view = views.view(images)
+    assert first.syncs == log.syncs == single.syncs == []
+    # 590 at 32 px and 812 at 64 and 128 px before the jitter became 7 batched steps
+    assert len(log.kernels) <= 80, Counter(log.kernels).most_common()
+    assert len(single.kernels) <= 80, Counter(single.kernels).most_common()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for x in (one, two, view):
+        assert x.device.type == "cuda" and x.dtype == torch.float32
+        assert x.shape == (64, 3, image_size, image_size)
+        assert x.is_contiguous(memory_format=memory_format)

@@ -9,23 +9,35 @@ random resized crop (scale 0.3-1, ratio 0.7-1.4, torchvision's 10 tries and cent
 fallback); colour jitter 0.4/0.4/0.4/hue 0.2 (0.1 at 128 px) in a random order per image
 (p=0.8); grayscale (p=0.25); normalisation.
 
-Resampling (crop and resize) is neither F.grid_sample nor a loop of per-box F.interpolate: each
-image's crop-and-resize is a separable linear map, so it is two batched matmuls with per-image
-weight matrices, out = Wy @ x @ Wx^T, (B, S, H) @ (B, 3, H, W) @ (B, W, S). The weights are
-PIL's antialiased bicubic filter (a = -0.5, support widened by the downscale factor, zero
-outside the crop box, normalised per output pixel), which is what the CPU path applies (PIL)
-and what torchvision's tensor resize computes with antialias=True. grid_sample's bicubic uses
-a = -0.75 and no antialiasing (it aliases when downscaling, e.g. 96 px STL-10 crops to 64), and
-per-box interpolate costs one kernel launch per image; the matmuls cost ~25 MFLOP per 128 px
-view and no host synchronisation. (With TF32 matmuls enabled globally they are accurate to
-about 1e-3, a quarter of a grey level.)
+On a GPU these batches are small and the work is launch-bound, so a batch costs a fixed number
+of kernels (65 at 32 px, 77 at 64 and 128 px, where it was 590 and 812; tests/test_batch_views.py
+counts them), none of which waits for the host:
+- every random number of the batch comes from one torch.rand on the device; constants are
+  made on the device once per BatchViews;
+- resampling (crop and resize) is a separable linear map, out = Wy @ x @ Wx^T, two batched
+  matmuls with per-image weights. The weights are PIL's antialiased bicubic filter (a = -0.5,
+  support widened by the downscale factor, zero outside the crop box, normalised per output
+  pixel), what the CPU path applies (PIL) and torchvision's tensor resize with antialias=True.
+  They depend on the box's length alone, shifted by its start, so each box's are read from a
+  table made once (one gather per axis). grid_sample's bicubic uses a = -0.75 and aliases
+  when downscaling; per-box interpolate costs one launch per image;
+- brightness, contrast and saturation are each a per-image 3x3 colour matrix (contrast adds
+  its image's mean), so one baddbmm applies whichever op each image has at a step. The hue
+  sits once in every image's order of four: three blending steps can come before it and three
+  after, so the jitter is 3 blend steps, one hue step, 3 blend steps, an image's ops placed
+  around its hue and the unused steps identity: 7 steps for all orders, where applying every
+  op at every position takes 16;
+- grayscale and normalisation are one more colour matrix.
+With TF32 matmuls enabled globally the resampling and the colour matrices are accurate to
+about 1e-3, a quarter of a grey level.
 
-Differences from the CPU path, by design: every step works in float32 in [0, 1] (clamped after
-each step), where PIL rounds to uint8 after each step; contrast blends with the exact mean of
-the grayscale image where PIL rounds it to an integer grey level.
+Differences from the CPU path, by design: every step works in float32 (clamped after each
+step), where PIL rounds to uint8 after each step; contrast blends with the exact mean of the
+grayscale image where PIL rounds it to an integer grey level.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -35,10 +47,10 @@ from .views import CROP_RATIO, CROP_SCALE, EVAL_RESIZE, JITTER, MAX_TRANSLATION,
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") in the CPU path
 CROP_TRIES = 10  # torchvision's RandomResizedCrop.get_params
-
-
-def _uniform(shape: tuple, low: float, high: float, generator, device, dtype=torch.float32):
-    return low + (high - low) * torch.rand(shape, generator=generator, device=device, dtype=dtype)
+# columns of the batch's random draw (copies, B, COLUMNS): flags compared with their
+# probabilities, jitter gains and hue, keys of the jitter order, then the geometry
+FLAGS, GAINS, ORDER, GEOMETRY = slice(0, 4), slice(4, 8), slice(8, 12), 12
+COLUMNS = GEOMETRY + 2 * CROP_TRIES + 2
 
 
 def _bicubic(x: torch.Tensor) -> torch.Tensor:
@@ -82,37 +94,85 @@ def resized_crop(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
     return (rows[:, None] @ images.float() @ cols.transpose(1, 2)[:, None]).clamp_(0, 1)
 
 
-def resize_centre_crop(images: torch.Tensor, resize: int, size: int) -> torch.Tensor:
-    """torchvision's Resize(resize) (shorter side, bicubic, antialiased) then CenterCrop(size),
-    on float images (B, C, H, W) in [0, 1]. An image already size x size with resize == size
-    comes back unchanged."""
-    batch, _, h, w = images.shape
+def _centre_crop_weights(height: int, width: int, resize: int, size: int, device=None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's Resize(resize) (shorter side, bicubic, antialiased) then CenterCrop(size)
+    of height x width images, as weights (rows (S, H), cols (S, W)): out = rows @ x @ cols^T."""
+    h, w = height, width
     # torchvision: the shorter side becomes `resize`, the longer int(resize * long / short)
     new_h, new_w = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
     if new_h < size or new_w < size:
         raise ValueError(f"resize {resize} is smaller than the crop {size}")
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    zero = torch.zeros(1, dtype=torch.int64, device=images.device)
-    rows = resample_weights(zero, zero + h, h, new_h)[:, top:top + size]  # (1, S, H)
-    cols = resample_weights(zero, zero + w, w, new_w)[:, left:left + size]  # (1, S, W)
-    return (rows[:, None] @ images.float() @ cols.transpose(1, 2)[:, None]).clamp_(0, 1)
+    zero = torch.zeros(1, dtype=torch.int64, device=device)
+    rows = resample_weights(zero, zero + h, h, new_h)[0, top:top + size]  # (S, H)
+    cols = resample_weights(zero, zero + w, w, new_w)[0, left:left + size]  # (S, W)
+    return rows, cols
 
 
-def _reflect(index: torch.Tensor, n: int) -> torch.Tensor:
-    """Reflect indices in [-(n-1), 2(n-1)] into [0, n) without repeating the edge (np 'reflect')."""
-    index = index.abs()
-    return torch.where(index > n - 1, 2 * (n - 1) - index, index)
+def resize_centre_crop(images: torch.Tensor, resize: int, size: int) -> torch.Tensor:
+    """torchvision's Resize(resize) (shorter side, bicubic, antialiased) then CenterCrop(size),
+    on float images (B, C, H, W) in [0, 1]. An image already size x size with resize == size
+    comes back unchanged."""
+    rows, cols = _centre_crop_weights(*images.shape[2:], resize, size, images.device)
+    # (S, H) @ (B, C, H, W) @ (W, S) -> (B, C, S, S)
+    return (rows @ images.float() @ cols.T).clamp_(0, 1)
 
 
-def translate(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """Shift each image (B, C, H, W) right by dx and down by dy px ((B,) integers, |d| < size),
-    filling by reflection: output pixel (i, j) is input pixel (i - dy, j - dx), reflected."""
-    batch, channels, h, w = images.shape
-    rows = _reflect(torch.arange(h, device=images.device)[None] - dy[:, None], h)  # (B, H)
-    cols = _reflect(torch.arange(w, device=images.device)[None] - dx[:, None], w)  # (B, W)
-    index = (rows[:, :, None] * w + cols[:, None, :]).view(batch, 1, h * w)
-    # (B, C, H*W) gathered at the same (B, 1, H*W) source positions in every channel
-    return images.flatten(2).gather(2, index.expand(-1, channels, -1)).view(batch, channels, h, w)
+def _crop_windows(in_size: int, size: int, device) -> torch.Tensor:
+    """The resampling weights of every crop box on an axis of up to in_size px, made once:
+    (length, window, S, in_size), where the weights of box (start, length) are at
+    [length, in_size - start]."""
+    lengths = torch.arange(1, in_size + 1, device=device)
+    weights = resample_weights(torch.zeros_like(lengths), lengths, in_size, size)  # (L, S, L)
+    # (length 0..L, S, offset -L..L-1): the box's weights at offset i - start, zero left of it
+    table = torch.zeros(in_size + 1, size, 2 * in_size, device=device)
+    table[1:, :, in_size:] = weights
+    # (length, S, window w, L) -> (length, w, S, L): window w is offsets w - L .. w - 1, a view
+    return table.unfold(2, in_size, 1).permute(0, 2, 1, 3)
+
+
+def _crop_constants(height: int, width: int, scale: Sequence[float] = CROP_SCALE,
+                    ratio: Sequence[float] = CROP_RATIO) -> dict[str, torch.Tensor]:
+    """torchvision's RandomResizedCrop.get_params for height x width images, as tensors."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    # the fallback when no try fits: the whole image, cut to the nearest allowed ratio, centred
+    if width / height < min(ratio):
+        fallback = (int(round(width / min(ratio))), width)
+    elif width / height > max(ratio):
+        fallback = (height, int(round(height * max(ratio))))
+    else:
+        fallback = (height, width)
+    # (2, 1) columns against tries (..., 2, T); (2,) against boxes (..., 2)
+    return {"try_low": torch.tensor([[area * scale[0]], [log_ratio[0]]]),
+            "try_span": torch.tensor([[area * (scale[1] - scale[0])],
+                                      [log_ratio[1] - log_ratio[0]]]),
+            "signs": torch.tensor([[-1.0], [1.0]]),  # height divides by the ratio, width times
+            "limits": torch.tensor([[height], [width]], dtype=torch.float32),
+            "limits_plus_one": torch.tensor([height + 1.0, width + 1.0]),
+            "fallback_size": torch.tensor(fallback, dtype=torch.float32),
+            "fallback_start": torch.tensor([(height - fallback[0]) // 2,
+                                            (width - fallback[1]) // 2], dtype=torch.float32)}
+
+
+def _crop_boxes(tries: torch.Tensor, offsets: torch.Tensor, const: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop boxes from uniform numbers: tries (..., 2, T) for the area and log aspect ratio of
+    each try, offsets (..., 2) for the position. The first try that fits wins, else the
+    fallback. Returns sizes (..., 2) (height, width) and starts (..., 2) (top, left), float
+    integers."""
+    drawn = torch.addcmul(const["try_low"], tries, const["try_span"])  # area, log ratio
+    # (height, width) = (sqrt(area / ratio), sqrt(area * ratio)), rounded as torchvision
+    sizes = torch.sqrt(drawn[..., :1, :] * torch.exp(drawn[..., 1:, :] * const["signs"])).round()
+    found, first = (sizes <= const["limits"]).all(-2).max(-1, keepdim=True)  # (..., 1)
+    chosen = sizes.gather(-1, first.unsqueeze(-2).expand(*first.shape[:-1], 2, 1)).squeeze(-1)
+    size = torch.where(found, chosen, const["fallback_size"])
+    # a uniform integer in [0, limit - size], as torch.randint: floor(u * (limit + 1 - size)),
+    # one rounding, stays below limit + 1 - size in float32 for u < 1
+    start = torch.floor(offsets * (const["limits_plus_one"] - size))
+    start = torch.where(found, start, const["fallback_start"])
+    return size, start
 
 
 def sample_crop_boxes(batch: int, height: int, width: int, generator=None, device=None,
@@ -121,34 +181,27 @@ def sample_crop_boxes(batch: int, height: int, width: int, generator=None, devic
     """torchvision's RandomResizedCrop.get_params for `batch` images of height x width, drawn
     at once: up to 10 tries of (area, log-uniform aspect), the first that fits wins, else the
     centre-crop fallback. Returns (top, left, crop_height, crop_width), each (B,) int64."""
-    area = height * width
-    target = area * _uniform((batch, CROP_TRIES), *scale, generator, device, torch.float64)
-    log_ratio = torch.log(torch.tensor(ratio, dtype=torch.float64)).tolist()
-    aspect = torch.exp(_uniform((batch, CROP_TRIES), *log_ratio, generator, device, torch.float64))
-    w = torch.round(torch.sqrt(target * aspect)).long()  # (B, tries)
-    h = torch.round(torch.sqrt(target / aspect)).long()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    tries = torch.arange(CROP_TRIES, device=fits.device)
-    # the first try that fits (the last if none: then the fallback below is used)
-    first = torch.where(fits, tries, CROP_TRIES - 1).amin(1, keepdim=True)
-    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
-    # fallback: the whole image, cut to the nearest allowed aspect ratio, centred
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fallback_w, fallback_h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fallback_w, fallback_h = int(round(height * max(ratio))), height
-    else:
-        fallback_w, fallback_h = width, height
-    w = torch.where(found, w, fallback_w)
-    h = torch.where(found, h, fallback_h)
-    # uniform integer offsets in [0, H - h] and [0, W - w], as torch.randint
-    offsets = torch.rand((2, batch), generator=generator, device=device, dtype=torch.float64)
-    top = torch.minimum((offsets[0] * (height - h + 1)).long(), height - h)
-    left = torch.minimum((offsets[1] * (width - w + 1)).long(), width - w)
-    top = torch.where(found, top, (height - fallback_h) // 2)
-    left = torch.where(found, left, (width - fallback_w) // 2)
-    return top, left, h, w
+    device = torch.device("cpu") if device is None else device
+    const = {k: v.to(device) for k, v in _crop_constants(height, width, scale, ratio).items()}
+    u = torch.rand((batch, 2 * CROP_TRIES + 2), generator=generator, device=device)
+    sizes, starts = _crop_boxes(u[:, :-2].unflatten(1, (2, CROP_TRIES)), u[:, -2:], const)
+    return starts[:, 0].long(), starts[:, 1].long(), sizes[:, 0].long(), sizes[:, 1].long()
+
+
+def _reflected(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Reflect indices in [-(n-1), 2(n-1)] into [0, n) without repeating the edge (np 'reflect')."""
+    return (n - 1) - ((n - 1) - index.abs()).abs()
+
+
+def translate(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Shift each image (B, C, H, W) right by dx and down by dy px ((B,) integers, |d| < size),
+    filling by reflection: output pixel (i, j) is input pixel (i - dy, j - dx), reflected."""
+    batch, channels, h, w = images.shape
+    rows = _reflected(torch.arange(h, device=images.device)[None] - dy[:, None], h)  # (B, H)
+    cols = _reflected(torch.arange(w, device=images.device)[None] - dx[:, None], w)  # (B, W)
+    index = (rows[:, :, None] * w + cols[:, None, :]).view(batch, 1, h * w)
+    # (B, C, H*W) gathered at the same (B, 1, H*W) source positions in every channel
+    return images.flatten(2).gather(2, index.expand(-1, channels, -1)).view(batch, channels, h, w)
 
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:
@@ -157,39 +210,69 @@ def grayscale(images: torch.Tensor) -> torch.Tensor:
     return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
 
 
-def adjust_hue(images: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
-    """Shift the hue of each image (B, 3, H, W) in [0, 1] by hue (B,) turns: torchvision's
-    RGB -> HSV -> RGB round trip, fused. A hue shift keeps each pixel's max and min channel
-    (value and chroma), so only the hue is computed and the channels rebuilt from it."""
-    r, g, b = images.unbind(1)  # each (B, H, W)
-    maxc, minc = images.amax(1), images.amin(1)
-    chroma = maxc - minc
-    divisor = torch.where(chroma > 0, chroma, torch.ones_like(chroma))  # grey: hue 0
-    # hue in sixths of a turn, from whichever channel is the max (torchvision's _rgb2hsv)
-    sixths = torch.where(maxc == r, (g - b) / divisor,
-                         torch.where(maxc == g, 2.0 + (b - r) / divisor, 4.0 + (r - g) / divisor))
-    h = torch.fmod(sixths / 6.0 + 1.0, 1.0)
-    h = torch.remainder(h + hue.view(-1, 1, 1), 1.0)  # (B, H, W) in [0, 1)
-    # HSV -> RGB: channel n of (R, G, B) is max - chroma * clamp(min(k, 4 - k), 0, 1),
-    # k = (n + 6 h) mod 6 with n = 5, 3, 1
-    # 5, 3, 1 made on the device: a host -> device copy would synchronise the stream
-    n = torch.arange(5, 0, -2, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    k = n + 6.0 * h[:, None]  # (B, 3, H, W) in [1, 11)
-    k = torch.where(k >= 6.0, k - 6.0, k)
-    return maxc[:, None] - chroma[:, None] * torch.minimum(k, 4.0 - k).clamp_(0, 1)
+def _colour_constants(input_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """The fixed tensors of the colour steps; the first blend step also multiplies its input
+    by input_scale (1/255 takes uint8 values to [0, 1])."""
+    eye, gray = torch.eye(3), torch.tensor(LUMA).expand(3, 3)  # gray @ rgb: luma in each channel
+    zero = torch.zeros(3, 3)
+    # per blending op (brightness, contrast, saturation): the change of (A, B) per unit of
+    # gain (factor - 1), where a blend step maps x to A x + B mean(x)
+    basis = torch.stack([torch.stack([eye, zero]), torch.stack([eye, -gray]),
+                         torch.stack([eye - gray, zero])]).view(3, 18)
+    slot_scale = torch.tensor([input_scale] + [1.0] * 6)[:, None]  # (7, 1)
+    identity = (torch.stack([eye, zero]).view(1, 18) * slot_scale)  # (7, 18)
+    # the rows of (g - b, b - r, r - g): the hue's offset within the sextant of each max channel
+    diff = torch.tensor([[0.0, 1, -1], [-1, 0, 1], [1, -1, 0]])
+    return {"basis": basis, "identity": identity, "slot_scale": slot_scale,
+            "slots": torch.arange(7)[:, None] - 3, "diff": diff, "four": torch.tensor([4.0]),
+            "hue_channels": torch.tensor([[5.0], [3.0], [1.0]])}
 
 
-def _where_apply(mask: torch.Tensor, function, x: torch.Tensor, *args: torch.Tensor,
-                 subset: bool | None = None) -> torch.Tensor:
-    """function(x, *args) for the images where mask (B,) is True, x elsewhere. With subset
-    (the default on CPU, where a host sync is free) only the selected images are computed;
-    otherwise the whole batch is, and torch.where keeps the selected ones: no device sync."""
-    if subset is None:
-        subset = x.device.type == "cpu"
-    if not subset:
-        return torch.where(mask.view(-1, 1, 1, 1), function(x, *args), x)
-    index = mask.nonzero()[:, 0]
-    return x.index_copy(0, index, function(x[index], *(a[index] for a in args)))
+def _colour_matrices(gains: torch.Tensor, rank: torch.Tensor, const: dict[str, torch.Tensor]
+                     ) -> torch.Tensor:
+    """gains (N, 3): factor - 1 of brightness, contrast, saturation (0: no change); rank (N, 4):
+    the position of each of (brightness, contrast, saturation, hue) in the image's order.
+    Returns (N, 7, 2, 3, 3): for each of the 7 steps the matrices (A, B) of x -> A x + B mean(x);
+    step 3 is the hue's, and each blending op goes to step 3 + its position relative to it."""
+    chosen = (rank[:, None, :3] - rank[:, None, 3:]) == const["slots"]  # (N, 7, 3): step holds op
+    delta = (chosen * gains[:, None, :]) @ const["basis"]  # (N, 7, 3) @ (3, 18) -> (N, 7, 18)
+    return torch.addcmul(const["identity"], delta, const["slot_scale"]).view(-1, 7, 2, 3, 3)
+
+
+def _hue_step(x: torch.Tensor, offsets: torch.Tensor, const: dict[str, torch.Tensor],
+              out: torch.Tensor) -> torch.Tensor:
+    """torchvision's RGB -> HSV -> hue shift -> RGB, fused, on x (N, 3, P) in [0, 1], into out
+    (x is overwritten); offsets (N, 3, 1): (5, 3, 1) + 6 * the shift in turns. A hue shift
+    keeps each pixel's max and min channel (value and chroma), so only the hue is computed and
+    the channels rebuilt from it."""
+    maxc, argmax = x.max(1, keepdim=True)  # (N, 1, P); the first max on ties, as torchvision
+    minc = x.amin(1, keepdim=True)
+    chroma = torch.sub(maxc, minc, out=minc).clamp_(min=torch.finfo(x.dtype).tiny)
+    # (g - b, b - r, r - g) at the max channel: the hue's offset in that channel's sextant
+    offset = torch.bmm(const["diff"].expand(len(x), 3, 3), x, out=out).gather(1, argmax)
+    # channel n of (R, G, B) is max - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6
+    # and 6 h = 2 argmax + offset / chroma (grey pixels: 0 / tiny, hue 0)
+    k = torch.add(offsets, argmax, alpha=2, out=x).addcdiv_(offset, chroma).remainder_(6)
+    weight = torch.minimum(k, torch.sub(const["four"], k, out=out), out=out).clamp_(0, 1)
+    return torch.addcmul(maxc, chroma, weight, value=-1, out=out)
+
+
+def _colour_steps(x: torch.Tensor, matrices: torch.Tensor, hue_offsets: torch.Tensor,
+                  const: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The 7 jitter steps on x (N, 3, P), which they overwrite: blend steps clamp
+    A x + B mean(x) to [0, 1]; step 3 is the hue."""
+    # two buffers serve all steps, x and the first step's output: on the CPU a fresh large
+    # buffer per step costs more than the step (page faults)
+    spare = None
+    for step in range(7):
+        if step == 3:
+            out = _hue_step(x, hue_offsets, const, out=spare)
+        else:
+            a, b = matrices[:, step].unbind(1)  # (N, 3, 3) each
+            out = torch.baddbmm(torch.bmm(b, x.mean(2, keepdim=True)), a, x, out=spare)
+            out.clamp_(0, 1)
+        x, spare = out, x
+    return x
 
 
 def colour_jitter(images: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
@@ -201,21 +284,15 @@ def colour_jitter(images: torch.Tensor, brightness: torch.Tensor, contrast: torc
     order: (B, 4) a permutation of 0..3 per image (0 brightness, 1 contrast, 2 saturation,
     3 hue), as ColorJitter's fn_idx. Brightness blends with black, contrast with the mean of
     the grayscale image, saturation with the grayscale image; clamped to [0, 1] after each.
-    subset: see _where_apply (the result is the same either way).
+    subset: no longer used (every image is computed, with no device sync, on every device).
     """
-    x = images.float()
-    for step in range(4):
-        op = order[:, step].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        # one blend serves the three blending ops; images whose op is hue get factor 1 (x kept)
-        factor = torch.where(op == 0, brightness.view(-1, 1, 1, 1),
-                             torch.where(op == 1, contrast.view(-1, 1, 1, 1),
-                                         torch.where(op == 2, saturation.view(-1, 1, 1, 1), 1.0)))
-        gray = grayscale(x)  # (B, 1, H, W)
-        degenerate = ((op == 2) * gray  # saturation: the grayscale image
-                      + (op == 1) * gray.mean((1, 2, 3), keepdim=True))  # contrast: its mean
-        x = (factor * x + (1.0 - factor) * degenerate).clamp(0, 1)  # brightness: black (0)
-        x = _where_apply(op.view(-1) == 3, adjust_hue, x, hue, subset=subset)
-    return x
+    const = {k: v.to(images.device) for k, v in _colour_constants().items()}
+    gains = torch.stack([brightness, contrast, saturation], 1) - 1
+    matrices = _colour_matrices(gains, order.argsort(1), const)
+    hue_offsets = torch.add(const["hue_channels"], hue.view(-1, 1, 1), alpha=6)
+    x = _colour_steps(images.flatten(2).to(torch.float32, copy=True), matrices, hue_offsets,
+                      const)
+    return x.view(images.shape)
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -230,7 +307,8 @@ def _check_images(images: torch.Tensor) -> None:
 class BatchViews:
     """uint8 images (B, 3, H, W) on any device -> (view1, view2), each float32 (B, 3, S, S)
     normalised, with per-image random parameters drawn from `generator` (a torch.Generator on
-    the images' device; the device's default generator when None).
+    the images' device; the device's default generator when None). channels_last: the views
+    come in that memory format, as a channels-last model wants them (no copy per step).
 
     The probabilities are arguments only so that tests can isolate one augmentation; the
     defaults are the paper's (views.py).
@@ -238,7 +316,7 @@ class BatchViews:
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], *,
                  flip_p: float = 0.5, translate_p: float = 0.8, jitter_p: float = 0.8,
-                 grayscale_p: float = 0.25):
+                 grayscale_p: float = 0.25, channels_last: bool = False):
         if image_size not in IMAGE_SIZES:
             raise ValueError(f"image_size {image_size} has no AMDIM encoder; use one of "
                              f"{IMAGE_SIZES}")
@@ -249,41 +327,130 @@ class BatchViews:
         self.hue = hue_jitter(image_size)  # max hue shift, turns
         self.flip_p, self.translate_p = flip_p, translate_p
         self.jitter_p, self.grayscale_p = jitter_p, grayscale_p
+        self.channels_last = channels_last
+        self._constants: dict[tuple, dict[str, torch.Tensor]] = {}  # per (device, H, W)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_images(images)
-        if generator is not None and generator.device.type != images.device.type:
-            raise ValueError(f"the generator is on {generator.device} but the images are on "
-                             f"{images.device}; pass torch.Generator(device=images.device)")
-        flip = torch.rand(len(images), generator=generator, device=images.device) < self.flip_p
-        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-        return self.view(images, generator), self.view(images, generator)
+        views = self._views(images, generator, copies=2, flip=True)  # (2, B, 3, S, S)
+        return views[0], views[1]
 
     def view(self, images: torch.Tensor, generator: torch.Generator | None = None
              ) -> torch.Tensor:
         """One independent random view (no flip) of uint8 images (B, 3, H, W)."""
-        batch, device, size = len(images), images.device, self.image_size
-        if size == 32:
-            x = images.float() / 255
-            if x.shape[2:] != (32, 32):  # views.Fit: shorter side to 32, centre crop
-                x = resize_centre_crop(x, 32, 32)
-            shift = torch.randint(-MAX_TRANSLATION, MAX_TRANSLATION + 1, (2, batch),
-                                  generator=generator, device=device)
-            shift *= torch.rand(batch, generator=generator, device=device) < self.translate_p
-            x = translate(x, shift[0], shift[1])
-        else:
-            boxes = sample_crop_boxes(batch, images.shape[2], images.shape[3], generator, device)
-            x = resized_crop(images.float() / 255, *boxes, size)
-        jitter = torch.rand(batch, generator=generator, device=device) < self.jitter_p
-        factors = _uniform((3, batch), 1 - JITTER, 1 + JITTER, generator, device)
-        hue = _uniform((batch,), -self.hue, self.hue, generator, device)
-        order = torch.rand((batch, 4), generator=generator, device=device).argsort(1)
-        if self.jitter_p > 0:  # (the draws above keep the random stream the same either way)
-            x = _where_apply(jitter, colour_jitter, x, *factors, hue, order)
-        gray = torch.rand(batch, generator=generator, device=device) < self.grayscale_p
-        x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
-        return normalise(x, self.mean, self.std)
+        return self._views(images, generator, copies=1, flip=False)[0]
+
+    def _views(self, images: torch.Tensor, generator: torch.Generator | None, copies: int,
+               flip: bool) -> torch.Tensor:
+        _check_images(images)
+        if generator is not None and generator.device.type != images.device.type:
+            raise ValueError(f"the generator is on {generator.device} but the images are on "
+                             f"{images.device}; pass torch.Generator(device=images.device)")
+        batch, n, size = len(images), copies * len(images), self.image_size
+        const = self._constants_for(images)
+        # every random number of the batch in one draw, (copies, B, COLUMNS)
+        u = torch.rand((copies, batch, COLUMNS), generator=generator, device=images.device)
+        flags = u[..., FLAGS] < const["probabilities"]  # flip, translate, jitter, grayscale
+        if flip:  # one flip per image, shared by its views: the first view's draw
+            images = torch.where(flags[0, :, 0].view(-1, 1, 1, 1), images.flip(-1), images)
+        with torch.autocast(images.device.type, enabled=False):  # float32 matmuls
+            if size == 32:
+                x = self._translated(images, u, flags, const)
+            else:
+                x = self._cropped(images, u, const)
+            x = self._jittered(x, u, flags, const)  # (N, 3, S*S) in [0, 1]
+            # grayscale and normalisation: one colour matrix per image
+            matrix = torch.where(flags[..., 3].view(n, 1, 1), const["gray_normalise"],
+                                 const["normalise"])  # (N, 3, 3)
+            if self.channels_last:  # (N, S*S, 3): the channels-last layout of (N, 3, S, S)
+                out = torch.baddbmm(const["offset"].view(3), x.transpose(1, 2), matrix.mT)
+                return out.view(copies, batch, size, size, 3).permute(0, 1, 4, 2, 3)
+            out = torch.baddbmm(const["offset"], matrix, x)
+            return out.view(copies, batch, 3, size, size)
+
+    def _translated(self, images: torch.Tensor, u: torch.Tensor, flags: torch.Tensor,
+                    const: dict[str, torch.Tensor]) -> torch.Tensor:
+        """32 px: (copies, B, ...) random draws -> translated views (N, 3, 1024) in 0..255."""
+        copies, batch = u.shape[:2]
+        if images.shape[2:] != (32, 32):  # views.Fit: shorter side to 32, centre crop
+            images = (const["fit_rows"] @ images.float() @ const["fit_cols"].T).clamp_(0, 255)
+        # integer shifts (dy, dx) in [-4, 4], 0 where the view is not translated: (copies, B, 2)
+        shift = torch.floor(torch.addcmul(const["shift_low"], u[..., GEOMETRY:GEOMETRY + 2],
+                                          const["shift_span"])) * flags[..., 1:2]
+        # output (i, j) reads input (i - dy, j - dx), reflected: (copies, B, 2, 32) rows, columns
+        source = _reflected(const["pixels"] - shift[..., None], 32)
+        index = torch.add(source[..., 1, None, :], source[..., 0, :, None], alpha=32).long()
+        index = index.view(copies, batch, 1, 1024).expand(-1, -1, 3, -1)
+        # (copies, B, 3, 1024) gathered from the same images for every copy
+        x = images.flatten(2).expand(copies, -1, -1, -1).gather(3, index)
+        return x.view(copies * batch, 3, 1024).float()
+
+    def _cropped(self, images: torch.Tensor, u: torch.Tensor,
+                 const: dict[str, torch.Tensor]) -> torch.Tensor:
+        """64/128 px: random resized crops (N, 3, S*S) in [0, 255]."""
+        copies, batch = u.shape[:2]
+        n, height, width, size = copies * batch, *images.shape[2:], self.image_size
+        tries = u[..., GEOMETRY:GEOMETRY + 2 * CROP_TRIES].unflatten(-1, (2, CROP_TRIES))
+        sizes, starts = _crop_boxes(tries, u[..., -2:], const)  # (copies, B, 2) each
+        # each box's (S, L) weights, gathered from the table by (length, window): for the
+        # rows one copy per channel, as the batched matmul wants them
+        lengths, windows = sizes.long(), (max(height, width) - starts).long()
+        cols = const["windows"][lengths[..., 1], windows[..., 1]]  # (copies, B, S, L)
+        cols = cols[..., :width].reshape(n, size, width)
+        rows = const["windows"][lengths[..., 0, None].expand(-1, -1, 3),
+                                windows[..., 0, None].expand(-1, -1, 3)]  # (copies, B, 3, S, L)
+        rows = rows[..., :height].reshape(3 * n, size, height)
+        pixels = images.expand(copies, -1, -1, -1, -1).float()  # (copies, B, 3, H, W)
+        # (N, 3H, W) @ (N, W, S) -> (N * 3, H, S); (N * 3, S, H) @ (N * 3, H, S) -> (N * 3, S, S)
+        x = torch.bmm(pixels.reshape(n, 3 * height, width), cols.transpose(1, 2))
+        x = torch.bmm(rows, x.view(3 * n, height, size))
+        return x.view(n, 3, size * size).clamp_(0, 255)  # bicubic overshoot, as PIL's uint8
+
+    def _jittered(self, x: torch.Tensor, u: torch.Tensor, flags: torch.Tensor,
+                  const: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Colour jitter (p=jitter_p) on x (N, 3, P) in 0..255 -> [0, 1]."""
+        n = len(x)
+        # gains (factor - 1) of brightness, contrast, saturation and the hue shift (turns):
+        # all 0, the identity, where the view is not jittered. (N, 4)
+        gains = (torch.addcmul(const["jitter_low"], u[..., GAINS], const["jitter_span"])
+                 * flags[..., 2:3]).view(n, 4)
+        # the position of each op in a uniformly random order (a random permutation's inverse
+        # is one too)
+        rank = u[..., ORDER].argsort(-1).view(n, 4)
+        matrices = _colour_matrices(gains[:, :3], rank, const)
+        hue_offsets = torch.add(const["hue_channels"], gains[:, 3].view(n, 1, 1), alpha=6)
+        return _colour_steps(x, matrices, hue_offsets, const)
+
+    def _constants_for(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The fixed tensors for images like these, made on their device at the first batch
+        (a non-blocking copy or device ops: no host sync) and kept."""
+        key = (images.device, *images.shape[2:])
+        if key not in self._constants:
+            height, width = images.shape[2:]
+            std = torch.tensor(self.std)
+            const = {"probabilities": torch.tensor([self.flip_p, self.translate_p,
+                                                    self.jitter_p, self.grayscale_p]),
+                     "jitter_low": torch.tensor([-JITTER] * 3 + [-self.hue]),
+                     "jitter_span": torch.tensor([2 * JITTER] * 3 + [2 * self.hue]),
+                     "normalise": torch.eye(3) / std[:, None],
+                     "gray_normalise": torch.tensor(LUMA).expand(3, 3) / std[:, None],
+                     "offset": (-torch.tensor(self.mean) / std)[:, None],  # (3, 1)
+                     **_colour_constants(1 / 255)}
+            if self.image_size == 32:
+                const.update(shift_low=torch.tensor([-float(MAX_TRANSLATION)]),
+                             shift_span=torch.tensor([2.0 * MAX_TRANSLATION + 1]),
+                             pixels=torch.arange(32, dtype=torch.float32))
+            else:
+                const.update(_crop_constants(height, width))
+            const = {k: v.to(images.device, non_blocking=True) for k, v in const.items()}
+            if self.image_size == 32 and (height, width) != (32, 32):
+                const["fit_rows"], const["fit_cols"] = _centre_crop_weights(
+                    height, width, 32, 32, images.device)
+            elif self.image_size != 32:
+                const["windows"] = _crop_windows(max(height, width), self.image_size,
+                                                 images.device)
+            self._constants[key] = const
+        return self._constants[key]
 
 
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
