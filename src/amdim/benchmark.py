@@ -98,6 +98,8 @@ def benchmark(cfg: PretrainConfig, device: torch.device, steps: int = 20, warmup
     step_s = _timed(lambda: step(*inputs, cfg.lr), steps, warmup, device)
     results = {
         "preset": None, "device": _device_name(device), "torch": torch.__version__,
+        "backbone": cfg.backbone, "encoder_parameters": sum(  # trained ones only
+            p.numel() for p in step.model.encoder.parameters() if p.requires_grad),
         "batch_size": batch, "image_size": size, "precision": cfg.precision,
         "compile": compile, "channels_last": cfg.channels_last, "steps": steps, "warmup": warmup,
         "train_step_ms": 1e3 * step_s, "train_images_per_s": batch / step_s,
@@ -160,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     overrides = {"seed": args.seed, "device": str(device)}
     for name in ("batch_size", "precision", "channels_last", "threads", "n_rkhs", "ndf",
-                 "n_depth"):
+                 "n_depth", "backbone", "image_size"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     # what `amdim pretrain` would run here: its precision, memory format and threads
@@ -220,6 +222,10 @@ def register(subparsers) -> None:
     parser.add_argument("--ndf", type=int, help="trunk width (default: the preset's)")
     parser.add_argument("--n-rkhs", type=int, help="embedding width (default: the preset's)")
     parser.add_argument("--n-depth", type=int, help="layers per block (default: the preset's)")
+    parser.add_argument("--backbone", help="amdim, resnet18, resnet50, ... or timm:<model> "
+                                           "(default: the preset's, amdim)")
+    parser.add_argument("--image-size", type=int, choices=(32, 64, 128),
+                        help="input side in px (default: the preset's)")
     parser.add_argument("--compare", action="store_true",
                         help="time fp32/bf16 x NCHW/channels-last (x eager/compiled with "
                              "--compile) side by side, with speed-ups over fp32 NCHW eager")

@@ -20,6 +20,7 @@ import torch
 
 from .classifiers import Probes
 from .config import PretrainConfig
+from .backbones import build_encoder
 from .encoder import Encoder, EncoderConfig
 
 FORMAT = "amdim/1"
@@ -92,7 +93,7 @@ def load_model(path: str | os.PathLike) -> tuple[Encoder, Probes | None, dict]:
     except (KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path} has an incomplete or invalid configuration: "
                               f"{type(error).__name__}: {error}") from None
-    encoder = Encoder(cfg)
+    encoder = build_encoder(cfg)  # the paper's encoder or the backbone the config names
     probes = Probes(cfg.n_rkhs, n_classes) if n_classes else None
     try:
         encoder.load_state_dict(encoder_state)

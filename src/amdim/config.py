@@ -36,6 +36,7 @@ class PretrainConfig:
     n_rkhs: int = _field(1024, "width of the r1/r5/r7 embeddings (>= 4*ndf at 32 px, 8*ndf at 64/128)")
     n_depth: int = _field(3, "residual layers per ConvResBlock")
     use_bn: bool = _field(False, "batch norm inside the trunk (heads always normalise)")
+    backbone: str = _field("amdim", "amdim: the paper's encoder; resnet18, resnet34, resnet50, resnet101, resnet152 (torchvision) or timm:<model> (pip install 'amdim[timm]'): that backbone under the paper's r1/r5/r7 heads (ndf, n_depth unused), random init, never downloaded")
     tclip: float = _field(20.0, "NCE scores are soft-clipped to (-tclip, tclip)")
     n_mixtures: int = _field(1, "mixture components per global feature (paper 3.7); 1: plain AMDIM")
     mixture_entropy: float = _field(1.0, "alpha: weight of the entropy bonus of the mixture posterior")
@@ -82,7 +83,7 @@ class PretrainConfig:
     @property
     def encoder(self) -> EncoderConfig:
         return EncoderConfig(image_size=self.image_size, ndf=self.ndf, n_rkhs=self.n_rkhs,
-                             n_depth=self.n_depth, use_bn=self.use_bn)
+                             n_depth=self.n_depth, use_bn=self.use_bn, backbone=self.backbone)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -33,8 +33,16 @@ class EncoderConfig:
     n_rkhs: int = 1024  # width of the three embeddings
     n_depth: int = 3  # residual layers in each ConvResBlock
     use_bn: bool = False  # batch norm inside the trunk (the embedding heads always normalise)
+    # amdim: the paper's encoder (this module); resnet18, resnet50, ... or timm:<name>: a
+    # standard backbone under the paper's heads (amdim.backbones), for which ndf and n_depth
+    # do not apply
+    backbone: str = "amdim"
 
     def __post_init__(self) -> None:
+        if self.backbone != "amdim":
+            from .backbones import check_backbone  # here: backbones imports this module
+
+            check_backbone(self.backbone)
         if self.image_size not in IMAGE_SIZES:
             raise ValueError(
                 f"image_size {self.image_size} has no AMDIM encoder; use one of {IMAGE_SIZES} "
@@ -43,7 +51,7 @@ class EncoderConfig:
         for name in ("ndf", "n_rkhs", "n_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.n_rkhs < self.trunk_width:
+        if self.backbone == "amdim" and self.n_rkhs < self.trunk_width:
             raise ValueError(
                 f"n_rkhs={self.n_rkhs} is smaller than the last trunk width "
                 f"{self.trunk_width} (= {self.trunk_width // self.ndf} x ndf for "
@@ -196,6 +204,9 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: EncoderConfig = EncoderConfig()):
         super().__init__()
+        if cfg.backbone != "amdim":
+            raise ValueError(f"Encoder is the paper's encoder; build backbone {cfg.backbone!r} "
+                             "with amdim.backbones.build_encoder(cfg)")
         self.cfg = cfg
         layers, self.index_7, self.index_5 = _trunk(cfg)
         self.layer_list = nn.ModuleList(layers)

@@ -27,6 +27,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from . import checkpoint
+from .backbones import build_encoder
 from .batch_views import BatchEvaluation, BatchViews
 from .batches import stored_size
 from .classifiers import Probes, knn_scores, topk_correct, train_epoch
@@ -300,7 +301,7 @@ def compare_with_random_init(encoder: Encoder, seed: int, train_set: Dataset, te
     train_plain = copy.copy(train_set)  # the training images with the deterministic transform
     train_plain.transform = test_set.transform
     torch.manual_seed(seed)
-    random_init = Encoder(encoder.cfg).to(device)
+    random_init = build_encoder(encoder.cfg).to(device)
     trained = linear_probe_accuracy(encoder, train_plain, test_set, device)
     baseline = linear_probe_accuracy(random_init, train_plain, test_set, device)
     print(f"linear probe on frozen features: trained encoder {100 * trained:.1f}% | "

@@ -12,7 +12,8 @@ from torch import nn
 
 from .classifiers import Probes, clipped_cross_entropy
 from .config import PretrainConfig
-from .encoder import Encoder, Features
+from .backbones import build_encoder
+from .encoder import Features
 from .nce import multiscale_nce, objective, random_locations
 
 
@@ -26,7 +27,7 @@ class AMDIM(nn.Module):
     def __init__(self, cfg: PretrainConfig, n_classes: int):
         super().__init__()
         self.tclip, self.mixture_entropy = cfg.tclip, cfg.mixture_entropy
-        self.encoder = Encoder(cfg.encoder)
+        self.encoder = build_encoder(cfg.encoder)  # the paper's, or a standard backbone
         self.probes = Probes(cfg.n_rkhs, n_classes) if n_classes else None
         self.mixture_head = None
         if cfg.n_mixtures > 1:
