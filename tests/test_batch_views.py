@@ -442,3 +442,23 @@ def test_views_on_cuda_take_at_most_80_kernels_and_never_wait_for_the_host(
         assert x.device.type == "cuda" and x.dtype == torch.float32
         assert x.shape == (64, 3, image_size, image_size)
         assert x.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("image_size,source,n", [(32, 32, 500), (64, 96, 240), (128, 128, 96)])
+def test_views_on_cuda_match_the_cpu_path_and_never_sync(image_size, source, n):
+    images = colour_images(n, source, seed=image_size)
+    torch.manual_seed(1)
+    cpu = TwoViews(image_size, MEAN, STD)
+    cpu_views = [torch.stack(v) for v in zip(*(cpu(to_pil(x)) for x in images))]
+    views = bv.BatchViews(image_size, MEAN, STD, channels_last=True)
+    cuda_images, generator = images.cuda(), torch.Generator("cuda").manual_seed(1)
+    views(cuda_images, generator)  # the first batch makes the constants
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu_views = views(cuda_images, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(v.is_contiguous(memory_format=torch.channels_last) for v in gpu_views)
+    assert_same_distribution(view_statistics(*cpu_views),
+                             view_statistics(*(v.cpu() for v in gpu_views)))

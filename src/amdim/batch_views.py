@@ -122,7 +122,7 @@ def resize_centre_crop(images: torch.Tensor, resize: int, size: int) -> torch.Te
 def _crop_windows(in_size: int, size: int, device) -> torch.Tensor:
     """The resampling weights of every crop box on an axis of up to in_size px, made once:
     (length, window, S, in_size), where the weights of box (start, length) are at
-    [length, in_size - start]."""
+    [length, in_size - start]. (L + 1) * S * 2L floats: 26 MB for 160 px images at 128 px."""
     lengths = torch.arange(1, in_size + 1, device=device)
     weights = resample_weights(torch.zeros_like(lengths), lengths, in_size, size)  # (L, S, L)
     # (length 0..L, S, offset -L..L-1): the box's weights at offset i - start, zero left of it
@@ -165,6 +165,7 @@ def _crop_boxes(tries: torch.Tensor, offsets: torch.Tensor, const: dict[str, tor
     drawn = torch.addcmul(const["try_low"], tries, const["try_span"])  # area, log ratio
     # (height, width) = (sqrt(area / ratio), sqrt(area * ratio)), rounded as torchvision
     sizes = torch.sqrt(drawn[..., :1, :] * torch.exp(drawn[..., 1:, :] * const["signs"])).round()
+    # (torchvision also asks for sizes > 0: true from 2 x 2 px, as area >= 0.3 * 4 px)
     found, first = (sizes <= const["limits"]).all(-2).max(-1, keepdim=True)  # (..., 1)
     chosen = sizes.gather(-1, first.unsqueeze(-2).expand(*first.shape[:-1], 2, 1)).squeeze(-1)
     size = torch.where(found, chosen, const["fallback_size"])
@@ -390,8 +391,8 @@ class BatchViews:
         """64/128 px: random resized crops (N, 3, S*S) in [0, 255]."""
         copies, batch = u.shape[:2]
         n, height, width, size = copies * batch, *images.shape[2:], self.image_size
-        tries = u[..., GEOMETRY:GEOMETRY + 2 * CROP_TRIES].unflatten(-1, (2, CROP_TRIES))
-        sizes, starts = _crop_boxes(tries, u[..., -2:], const)  # (copies, B, 2) each
+        tries = u[..., GEOMETRY:COLUMNS - 2].unflatten(-1, (2, CROP_TRIES))  # area, ratio
+        sizes, starts = _crop_boxes(tries, u[..., COLUMNS - 2:], const)  # (copies, B, 2) each
         # each box's (S, L) weights, gathered from the table by (length, window): for the
         # rows one copy per channel, as the batched matmul wants them
         lengths, windows = sizes.long(), (max(height, width) - starts).long()
