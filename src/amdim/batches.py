@@ -112,8 +112,9 @@ def make_batches(cfg: PretrainConfig, path: str, train_set: Dataset, test_set: D
         except MemoryError:
             raise DataError(f"{cfg.data} does not fit in memory decoded; use --data-path "
                             "loader") from None
-        train = TrainBatches(cache, BatchViews(cfg.image_size, *stats), cfg.batch_size,
-                             seed=cfg.seed, rank=rank, world_size=world_size)
+        views = BatchViews(cfg.image_size, *stats, channels_last=cfg.channels_last)
+        train = TrainBatches(cache, views, cfg.batch_size, seed=cfg.seed, rank=rank,
+                             world_size=world_size)
         test = None if test_cache is None else EvalBatches(
             test_cache, BatchEvaluation(cfg.image_size, *stats), cfg.batch_size)
         return train, test
