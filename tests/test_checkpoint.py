@@ -146,3 +146,69 @@ def test_authors_hyperparams_that_do_not_match_the_weights(reference, tmp_path):
     torch.save(state, tmp_path / "mismatch.pth")
     with pytest.raises(CheckpointError, match="does not match the model"):
         checkpoint.load_model(tmp_path / "mismatch.pth")
+
+
+# -- issue 17: digests, missing fields, encoder-only files
+
+
+def flip_a_tensor_byte(path, entry_index=0):
+    """Flip one byte inside the data of a tensor stored in a torch.save zip file."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = [i for i in archive.infolist() if "/data/" in i.filename][entry_index]
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26:
+                                                            info.header_offset + 30])
+    start = info.header_offset + 30 + name_length + extra_length
+    data[start + info.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_a_tensor_are_found_naming_the_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save_atomic(our_state(), path)
+    state = checkpoint.load(path)
+    assert state["digest"] == checkpoint.digest(state)
+    flip_a_tensor_byte(path)
+    with pytest.raises(CheckpointError, match=f"{path} is corrupt: its tensors do not match"):
+        checkpoint.load_model(path)
+
+
+def test_checkpoints_without_a_digest_load_as_before(tmp_path, reference):
+    path = tmp_path / "old.pt"
+    torch.save(our_state(), path)  # as written before digests
+    assert "digest" not in checkpoint.load(path)
+    checkpoint.load_model(path)
+    checkpoint.load_model(authors(reference, 32))
+
+
+def test_a_missing_config_field_is_named(tmp_path):
+    state = our_state()
+    del state["config"]["ndf"]
+    checkpoint.save_atomic(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"lacks the field\(s\) \['ndf'\]"):
+        checkpoint.load_model(tmp_path / "checkpoint.pt")
+
+
+def test_export_writes_an_encoder_only_file_that_load_encoder_reads(tmp_path, reference):
+    from amdim.cli import main
+
+    path = tmp_path / "checkpoint.pt"
+    state = our_state()
+    state["optimizer"] = {"state": {0: {"exp_avg": torch.randn(200_000)}}, "param_groups": []}
+    checkpoint.save_atomic(state, path)
+    main(["export", str(path), "--out", str(tmp_path / "shared" / "encoder.pt")])
+    exported = tmp_path / "shared" / "encoder.pt"
+    assert exported.stat().st_size < path.stat().st_size / 2
+    saved = checkpoint.load(exported)
+    assert saved["format"] == checkpoint.ENCODER_FORMAT and "optimizer" not in saved
+    assert saved["digest"] == checkpoint.digest(saved)
+    encoder = checkpoint.load_encoder(exported)
+    for key, value in state["encoder"].items():
+        assert torch.equal(encoder.state_dict()[key], value)
+    main(["export", str(authors(reference, 64)), "--out", str(tmp_path / "authors.pt")])
+    assert checkpoint.load_encoder(tmp_path / "authors.pt").cfg.image_size == 64
+    with pytest.raises(SystemExit, match="amdim export: no checkpoint at"):
+        main(["export", str(tmp_path / "missing.pt")])

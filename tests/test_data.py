@@ -301,3 +301,117 @@ def test_missing_torchvision_dataset_names_the_path(tmp_path, name):
         build_datasets(preset("cifar-small", data=name, data_root=str(tmp_path)))
     with pytest.raises(DataError, match=f"{name} not found under {tmp_path}"):
         labelled_split(name, "train", transform=None, data_root=str(tmp_path))
+
+
+# -- issue 17: damaged datasets end in a message and lose nothing readable
+
+
+def write_npz(path, n=12, labels=None, classes=("a", "b", "c"), size=32, damage=()):
+    """A NAME_train.npz of n JPEG streams laid end to end; the streams in `damage` are
+    garbled (a header that parses, then noise)."""
+    import io
+
+    streams = []
+    for i in range(n):
+        buffer = io.BytesIO()
+        Image.new("RGB", (size, size), (8 * i, 100, 200)).save(buffer, "JPEG")
+        data = buffer.getvalue()
+        if i in damage:
+            data = data[:20] + b"\x00" * 40
+        streams.append(np.frombuffer(data, np.uint8))
+    offsets = np.cumsum([0] + [len(s) for s in streams])
+    labels = np.arange(n) % len(classes) if labels is None else np.asarray(labels)
+    np.savez(path, jpeg=np.concatenate(streams), offsets=offsets, labels=labels,
+             classes=np.array(classes))
+    return path
+
+
+def test_undecodable_npz_entries_are_skipped_and_counted(tmp_path, caplog):
+    path = write_npz(tmp_path / "set_train.npz", damage=(0, 5))
+    with caplog.at_level(logging.WARNING, logger="amdim"):
+        train, _, n_classes = build_datasets(preset("digits", data=str(path)))
+    assert len(train) == 10 and n_classes == 3
+    assert skipped_files(train) == [f"{path}[0]", f"{path}[5]"]
+    assert "skipping undecodable image 5" in caplog.text
+    with pytest.raises(DataError, match="2 undecodable image.*--strict-data"):
+        build_datasets(preset("digits", data=str(path), strict_data=True))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "not a readable .npz archive: damaged"),
+    ("flipped", "not a readable .npz archive: damaged"),
+    ("text", "not a readable .npz archive .it starts with b'just'"),
+    ("offsets", "offsets are not increasing"),
+    ("labels", "labels lie outside -1..2"),
+])
+def test_damaged_npz_files_are_explained(tmp_path, damage, message):
+    path = tmp_path / "set_train.npz"
+    if damage == "text":
+        path.write_text("just some text\n")
+    elif damage == "labels":
+        write_npz(path, labels=[0, 1, 2, 7] * 3)
+    elif damage == "offsets":
+        streams = np.frombuffer(b"\xff" * 100, np.uint8)
+        np.savez(path, jpeg=streams, offsets=np.array([0, 60, 40, 100]),
+                 labels=np.zeros(3, np.int64))
+    else:
+        np.savez_compressed(path, jpeg=np.arange(50_000, dtype=np.uint8) % 7,
+                            offsets=np.array([0, 50_000]), labels=np.zeros(1, np.int64))
+        data = bytearray(path.read_bytes())
+        if damage == "truncated":
+            data = data[:len(data) // 2]
+        else:  # a byte inside the compressed jpeg array
+            data[len(data) // 3] ^= 0xFF
+        path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=message):
+        build_datasets(preset("digits", data=str(path)))
+
+
+def test_a_class_with_no_readable_file_is_named(tmp_path, caplog):
+    folder = labelled_folder(tmp_path / "data", classes=("cat", "dog"), n=2)
+    for path in (folder / "train" / "dog").iterdir():
+        path.write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="amdim"):
+        train = ImageClasses(folder / "train", transform=None)
+    assert "no readable image is left in the class folder(s) ['dog']" in caplog.text
+    assert len(train) == 2
+    with pytest.raises(DataError, match="unreadable image file"):
+        ImageClasses(folder / "train", transform=None, strict=True)
+
+
+def test_files_deleted_mid_run_are_skipped_warned_and_counted(tmp_path, caplog):
+    folder = labelled_folder(tmp_path / "data", classes=("cat", "dog"), n=12)
+    train = ImageClasses(folder / "train", transform=None)
+    deleted = [path for path, label in train.samples if label == 0]  # a whole class: 12 in a row
+    for path in deleted:
+        (folder / "train" / "cat" / path.rsplit("/", 1)[1]).unlink()
+    with caplog.at_level(logging.WARNING, logger="amdim"):
+        items = [train[i] for i in range(len(train))]
+    assert all(label == 1 for _, label in items)  # each replaced by a readable image
+    assert sorted(skipped_files(train)) == sorted(deleted)
+    assert len(warnings_naming(caplog, deleted[0])) == 1
+    import shutil
+    shutil.rmtree(folder / "train")
+    with pytest.raises(DataError, match="gone away"):
+        train[0]
+
+
+def test_download_without_network_says_where_to_put_the_files(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(datasets, "CIFAR10", offline)
+    with pytest.raises(DataError, match=f"no network here.*cifar-10-python.tar.gz.*{tmp_path}"):
+        build_datasets(preset("cifar-cpu", data="cifar10", data_root=str(tmp_path),
+                              download=True))
+
+
+def test_stored_image_size_of_names_folders_and_npz(tmp_path):
+    from amdim.data import stored_image_size
+
+    assert stored_image_size("cifar10") == 32 and stored_image_size("stl10") == 96
+    assert stored_image_size(str(labelled_folder(tmp_path / "f", size=(128, 96)))) == 128
+    assert stored_image_size(str(write_npz(tmp_path / "s_train.npz", size=64))) == 64
+    assert stored_image_size(str(tmp_path / "missing")) is None

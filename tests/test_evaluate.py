@@ -243,8 +243,10 @@ def test_evaluate_command_full_mode_with_default_schedule_override(tmp_path):
 
 def test_evaluate_command_explains_bad_input(tmp_path):
     path = our_checkpoint(tmp_path / "checkpoint.pt", data=tmp_path / "missing")
-    with pytest.raises(SystemExit, match="neither a known dataset"):
+    with pytest.raises(SystemExit, match="data .*missing is not there.*pass --data"):
         run_cli("evaluate", path, "--mode", "features")
+    with pytest.raises(SystemExit, match="neither a known dataset"):
+        run_cli("evaluate", path, "--data", tmp_path / "missing")
     (tmp_path / "unlabelled").mkdir()
     with pytest.raises(SystemExit, match="train/ subfolder"):
         run_cli("evaluate", path, "--data", tmp_path / "unlabelled")
@@ -313,3 +315,49 @@ def test_labelled_split_says_where_torchvision_sets_are_missing(tmp_path, name):
     transform = evaluation_transform(32, *STATS[name])
     with pytest.raises(DataError, match=f"{name} not found under .*--data-root"):
         labelled_split(name, "train", transform, data_root=str(tmp_path))
+
+
+# -- issue 17: paths that resolve, results that are never lost, settings refused
+
+
+def test_a_run_with_a_relative_data_path_evaluates_from_another_folder(tmp_path, monkeypatch):
+    from amdim.train import pretrain
+
+    image_folder(tmp_path / "work" / "images", n_train=8)
+    monkeypatch.chdir(tmp_path / "work")
+    pretrain(preset("digits", data="images/", run_dir="run", epochs=1, batch_size=8, workers=0,
+                    final_probe=False, device="cpu", **TINY))
+    # another spelling of the same folder resumes the run
+    pretrain(preset("digits", data=str(tmp_path / "work" / "images"), run_dir="run", epochs=2,
+                    batch_size=8, workers=0, final_probe=False, device="cpu", **TINY))
+    state = checkpoint.load(tmp_path / "work" / "run" / "checkpoint.pt")
+    assert state["config"]["data"] == str(tmp_path / "work" / "images")
+    assert state["data_fingerprint"] == {"train_images": 16, "n_classes": 2}
+    monkeypatch.chdir(tmp_path)
+    run_cli("evaluate", "work/run/checkpoint.pt", "--mode", "features", "--epochs", "1",
+            "--workers", "0", "--batch-size", "4", "--out", "results/eval.json")
+    assert json.loads((tmp_path / "results" / "eval.json").read_text())["n_train"] == 16
+
+
+def test_results_that_cannot_be_written_are_printed_first(tmp_path, capsys):
+    folder = image_folder(tmp_path / "images")
+    path = our_checkpoint(tmp_path / "checkpoint.pt", data=folder)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write the results to .*printed above"):
+        run_cli("evaluate", path, "--mode", "features", "--epochs", "1", "--workers", "0",
+                "--batch-size", "4", "--out", tmp_path / "file" / "eval.json")
+    assert json.loads(capsys.readouterr().out)["n_train"] == 12
+    with pytest.raises(SystemExit, match="amdim extract: cannot write the features"):
+        run_cli("extract", path, "--workers", "0", "--out", tmp_path / "file" / "f.npz")
+    run_cli("extract", path, "--workers", "0", "--out", tmp_path / "new" / "folder" / "f.npz")
+    assert (tmp_path / "new" / "folder" / "f.npz").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--knn-temperature", "0"], "knn_temperature and lr must be > 0"),
+    (["--device", "gpu"], "'gpu' is not a device .a GPU is cuda"),
+])
+def test_evaluate_refuses_bad_settings(tmp_path, flags, message):
+    path = our_checkpoint(tmp_path / "checkpoint.pt")
+    with pytest.raises(SystemExit, match=message):
+        run_cli("evaluate", path, "--mode", "features", *flags)

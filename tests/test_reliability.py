@@ -195,3 +195,170 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     with pytest.raises(SystemExit, match="broken.jpg"):
         main(["pretrain", "--data", str(tmp_path / "data"), "--strict-data", "--run-dir",
               str(tmp_path / "strict")])
+
+
+# -- issue 17: locked run folders, exit codes, and every bad setting refused
+
+
+def test_a_second_run_into_the_same_folder_is_refused_naming_the_holder(tmp_path):
+    import socket
+
+    from amdim.train import _locked
+
+    with _locked(tmp_path):
+        done = subprocess.run(
+            [sys.executable, "-m", "amdim", "pretrain", "--run-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert f"in use by another run (pid {os.getpid()} on {socket.gethostname()})" in done.stderr
+    assert not (tmp_path / "checkpoint.pt").exists()
+    pretrain(tiny(tmp_path, epochs=1))  # the lock went with its holder
+
+
+def test_kill_9_leaves_no_stale_lock(tmp_path):
+    done = run_and_interrupt(tmp_path, at_step=1, how="SIGKILL")
+    assert done.returncode == -signal.SIGKILL and (tmp_path / "lock").exists()
+    assert pretrain(tiny(tmp_path, epochs=1))["epoch"] == 1
+
+
+def test_metrics_without_a_checkpoint_are_kept_under_a_new_name(tmp_path, caplog):
+    pretrain(tiny(tmp_path, epochs=1))
+    old_metrics = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "checkpoint.pt").rename(tmp_path / "elsewhere.pt")
+    with caplog.at_level("WARNING", logger="amdim"):
+        pretrain(tiny(tmp_path, epochs=1, seed=1))
+    assert "the old metrics.jsonl and config.json are kept" in caplog.text
+    kept = list(tmp_path.glob("metrics.jsonl.before-*"))
+    assert len(kept) == 1 and kept[0].read_text() == old_metrics
+    assert len(list(tmp_path.glob("config.json.before-*"))) == 1
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 1
+
+
+@pytest.mark.parametrize("stopped, code", [("SIGINT", 130), ("SIGTERM", 143),
+                                           ("time limit", 75)])
+def test_a_stopped_run_exits_with_its_documented_code(tmp_path, monkeypatch, stopped, code):
+    import amdim.train
+
+    monkeypatch.setattr(amdim.train, "pretrain", lambda cfg: {"stopped": stopped, "step": 1})
+    with pytest.raises(SystemExit) as exit:
+        main(["pretrain", "--run-dir", str(tmp_path)])
+    assert exit.value.code == code
+
+
+def test_time_limit_exits_75_and_resumes(tmp_path):
+    flags = ["pretrain", "--run-dir", str(tmp_path), "--ndf", "8", "--n-rkhs", "64",
+             "--batch-size", "16", "--steps-per-epoch", "2", "--epochs", "1", "--workers", "0",
+             "--no-final-probe"]
+    with pytest.raises(SystemExit) as exit:
+        main(flags + ["--time-limit", "1e-9"])
+    assert exit.value.code == 75 and checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 1
+    main(flags)  # finished: returns, exit status 0
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_run_folders_that_cannot_be_written_are_explained(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot use .*file as the run folder"):
+        main(["pretrain", "--run-dir", str(tmp_path / "file")])
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EROFS, "Read-only file system", str(tmp_path / "config.json"))
+
+    import pathlib
+    monkeypatch.setattr(pathlib.Path, "write_text", read_only)
+    with pytest.raises(SystemExit, match="amdim pretrain: .*config.json: Read-only file system"):
+        main(["pretrain", "--run-dir", str(tmp_path / "run"), "--ndf", "8", "--n-rkhs", "64"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--log-every", "0"], "log_every must be >= 1"),
+    (["--lr-gamma", "-0.2"], r"lr_gamma must be > 0 \(e.g. 0.2\), got -0.2"),
+    (["--tclip", "0"], "tclip must be > 0"),
+    (["--adam-eps", "0"], "adam_eps must be > 0"),
+    (["--time-limit", "-1"], "time_limit must be >= 0 minutes"),
+    (["--device", "gpu"], r"'gpu' is not a device \(a GPU is cuda\)"),
+])
+def test_bad_settings_are_refused_with_the_accepted_range(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["pretrain", "--run-dir", str(tmp_path), *flags])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "1"], "batch_size must be at least 2"),
+    (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_benchmark_refuses_bad_settings(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["benchmark", "--device", "cpu", *flags])
+
+
+def test_non_finite_loss_at_step_0_says_there_is_no_checkpoint(tmp_path, monkeypatch):
+    nan_after(1, monkeypatch)
+    with pytest.raises(TrainingError, match="non-finite loss at step 0 .*no checkpoint was saved"):
+        pretrain(tiny(tmp_path, epochs=1))
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_out_of_cpu_memory_is_explained(tmp_path, monkeypatch):
+    import amdim.model
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 140737488355328 bytes.")
+
+    monkeypatch.setattr(amdim.model.AMDIM, "forward", out_of_memory)
+    with pytest.raises(SystemExit, match="out of CPU memory .RAM. with batch_size 16 and ndf 8: "
+                       "lower --batch-size .e.g. --batch-size 8.*no checkpoint had been saved"):
+        main(["pretrain", "--ndf", "8", "--n-rkhs", "64", "--batch-size", "16", "--workers", "0",
+              "--run-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("size, cuda, chosen", [
+    (32, False, "cifar-cpu"), (64, False, "imagenette-cpu"), (128, False, "imagenette-cpu"),
+    (32, True, "cifar-small"), (96, True, "stl10"), (128, True, "imagenet-small")])
+def test_data_without_a_preset_gets_one_that_fits(tmp_path, monkeypatch, size, cuda, chosen):
+    import argparse
+
+    from PIL import Image
+
+    import amdim.config
+    from amdim.config import add_config_flags, config_from_args
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (size, size)).save(folder / "0.png")
+    monkeypatch.setattr(amdim.config, "resolve_device",
+                        lambda name: torch.device("cuda" if cuda else "cpu"))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset")
+    add_config_flags(parser)
+    args = parser.parse_args(["--data", str(folder), "--epochs", "3"])
+    cfg = config_from_args(args)
+    assert args.preset_chosen[0] == chosen and cfg.epochs == 3
+    assert cfg.lr == preset(chosen).lr and cfg.data == str(folder)
+    args = parser.parse_args([])
+    assert config_from_args(args) == preset("digits") and args.preset_chosen == ("digits", None)
+
+
+def test_help_and_start_up_show_the_settings_in_effect(tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "2000")  # one line per flag
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default digits 6; cifar-cpu 30;" in text  # --epochs, preset by preset
+    assert "75 by --time-limit" in text
+    with caplog.at_level("INFO", logger="amdim"):
+        main(["pretrain", "--data", "digits", "--run-dir", str(tmp_path), "--ndf", "8",
+              "--n-rkhs", "64", "--steps-per-epoch", "1", "--epochs", "1", "--workers", "0",
+              "--no-final-probe"])
+    assert "preset digits; in effect: data digits, image_size 32, ndf 8" in caplog.text
+
+
+def test_the_final_probe_fits_a_sample_of_the_training_set(tmp_path, monkeypatch):
+    import amdim.evaluate
+
+    sizes = []
+    monkeypatch.setattr(amdim.evaluate, "linear_probe_accuracy",
+                        lambda encoder, train, test, device: sizes.append(len(train)) or 0.5)
+    pretrain(tiny(tmp_path, epochs=1, final_probe=True, final_probe_images=100))
+    assert sizes == [100, 100]

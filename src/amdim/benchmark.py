@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .batch_views import BatchViews
 from .config import (PRESETS, PretrainConfig, native_bf16, preset, resolve_device,
                      resolve_runtime)
-from .data import normalisation
+from .data import DataError, normalisation
 from .model import AMDIM
 from .tensor_data import TrainBatches, load_npz
 from .step import TrainingStep
@@ -242,4 +242,15 @@ def register(subparsers) -> None:
                              "CUDA; no MFU on CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", metavar="JSON", help="also write the results to this file")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    """run() for the command line: impossible settings end in a message, not a traceback."""
+    try:
+        if args.steps < 1 or args.warmup < 0:
+            raise ValueError(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, "
+                             f"{args.warmup})")
+        return run(args)
+    except (ValueError, DataError) as error:
+        raise SystemExit(f"amdim benchmark: {error}") from None

@@ -6,11 +6,17 @@ Our format (a dict of tensors and plain values only):
     mixture_head None when absent), epoch: epochs completed, step_in_epoch: steps of the
     next epoch already taken, step: optimiser steps taken, rng: one {"torch": ByteTensor,
     "cuda": ByteTensor or None} per rank, data_path: "device" or "loader", epoch_sums: the
-    running sums of the epoch's metrics, skipped_batches: non-finite batches skipped.
+    running sums of the epoch's metrics, skipped_batches: non-finite batches skipped,
+    data_fingerprint: {"train_images": N, "n_classes": C} of the data it was trained on.
+Every file we write also holds digest: the SHA-256 of its tensors (see `digest`), checked on
+load, so that flipped bytes are found rather than trained on; files without one (the
+authors', older ones) load as before.
+An encoder-only file (`amdim export`): format "amdim-encoder/1", config, encoder, digest.
 The authors' format (amdim-public): model (encoder.module.*, evaluator.*), hyperparams, cursor.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -24,16 +30,42 @@ from .backbones import build_encoder
 from .encoder import Encoder, EncoderConfig
 
 FORMAT = "amdim/1"
+ENCODER_FORMAT = "amdim-encoder/1"
+# the configuration fields an encoder is rebuilt from (a file lacking one cannot be read)
+ARCHITECTURE = ("image_size", "ndf", "n_rkhs", "n_depth", "use_bn")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with what to do about it."""
 
 
+def digest(state) -> str:
+    """SHA-256 over every tensor in `state` (nested dicts, in sorted key order, and lists),
+    each as its key path, dtype, shape and bytes; other values do not count."""
+    sha = hashlib.sha256()
+
+    def visit(value, name: str) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            sha.update(f"{name}|{flat.dtype}|{tuple(value.shape)}|".encode())
+            sha.update(flat.view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                if not (name == "" and key == "digest"):
+                    visit(value[key], f"{name}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(item, f"{name}/{i}")
+
+    visit(state, "")
+    return sha.hexdigest()
+
+
 def save_atomic(state: dict, path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash
-    mid-write leaves the previous file intact."""
+    """Write `state` with its digest to a temporary file in the same folder, fsync, then
+    rename over `path`: a crash mid-write leaves the previous file intact."""
     path = Path(path)
+    state = {**state, "digest": digest(state)}
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -61,6 +93,10 @@ def load(path: str | os.PathLike) -> dict:
             f"than tensors and plain values, which are never unpickled): {reason}") from None
     if not isinstance(state, dict) or not ({"format", "model"} & set(state)):
         raise CheckpointError(f"{path} is neither an amdim checkpoint nor one of the authors'")
+    if "digest" in state and digest(state) != state["digest"]:
+        raise CheckpointError(
+            f"{path} is corrupt: its tensors do not match the SHA-256 digest stored with them "
+            "(bytes changed on disk or in a copy); use another copy of the file")
     return state
 
 
@@ -83,13 +119,17 @@ def load_model(path: str | os.PathLike) -> tuple[Encoder, Probes | None, dict]:
                                 n_depth=h["n_depth"], use_bn=bool(h["use_bn"]))
             encoder_state = _strip(state["model"], "encoder.module.")
             probe_state, n_classes = _strip(state["model"], "evaluator."), h["n_classes"]
-        elif state.get("format") == FORMAT:
+        elif state.get("format") in (FORMAT, ENCODER_FORMAT):
+            missing = [k for k in ARCHITECTURE if k not in state["config"]]
+            if missing:
+                raise CheckpointError(f"{path}: its config lacks the field(s) {missing}, needed "
+                                      "to rebuild the encoder")
             cfg = PretrainConfig.from_dict(state["config"]).encoder
-            encoder_state, probe_state = state["encoder"], state["probes"]
-            n_classes = state["n_classes"]
+            encoder_state = state["encoder"]
+            probe_state, n_classes = state.get("probes"), state.get("n_classes", 0)
         else:
             raise CheckpointError(f"{path} has format {state.get('format')!r}; this amdim "
-                                  f"reads {FORMAT} and the authors' format")
+                                  f"reads {FORMAT}, {ENCODER_FORMAT} and the authors' format")
     except (KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path} has an incomplete or invalid configuration: "
                               f"{type(error).__name__}: {error}") from None
@@ -107,3 +147,20 @@ def load_model(path: str | os.PathLike) -> tuple[Encoder, Probes | None, dict]:
 def load_encoder(path: str | os.PathLike) -> Encoder:
     """A trained encoder in eval mode, from our checkpoint or the authors', in one line."""
     return load_model(path)[0]
+
+
+def export_encoder(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the encoder of a checkpoint (ours or the authors') alone, with its config and
+    digest, to `out`: the file to share (no optimiser state, probes or random streams);
+    load_encoder reads it."""
+    encoder, _, state = load_model(path)
+    if is_authors(state):
+        # the architecture only: their data is not recorded (--data says it later)
+        config = {k: getattr(encoder.cfg, k) for k in ARCHITECTURE}
+    else:
+        config = state["config"]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic({"format": ENCODER_FORMAT, "config": config, "encoder": encoder.state_dict(),
+                 "data_fingerprint": state.get("data_fingerprint")}, out)
+    return out

@@ -11,8 +11,8 @@ import logging
 import sys
 
 # command modules, in the order `amdim --help` lists them
-COMMANDS = ("amdim.train", "amdim.evaluate", "amdim.extract", "amdim.plots", "amdim.segment",
-            "amdim.benchmark")
+COMMANDS = ("amdim.train", "amdim.evaluate", "amdim.extract", "amdim.export", "amdim.plots",
+            "amdim.segment", "amdim.benchmark")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,6 +63,7 @@ class PretrainConfig:
     seed: int = _field(0, "seeds weights, shuffling, augmentation and NCE source locations")
     run_dir: str = _field("runs/amdim", "checkpoint, config.json, metrics.jsonl, TensorBoard events; an existing run there is resumed")
     final_probe: bool = _field(False, "at the end, fit a linear probe on frozen features of the trained encoder and of the same architecture at random init, and print both")
+    final_probe_images: int = _field(10_000, "training images the final probe is fitted on (a fixed random sample; 0: all)")
     skip_nonfinite: bool = _field(False, "skip a batch whose loss is NaN/inf instead of stopping the run")
     log_every: int = _field(10, "steps between TensorBoard points")
 
@@ -79,6 +80,16 @@ class PretrainConfig:
             raise ValueError("epochs must be >= 1, warmup_steps and steps_per_epoch >= 0")
         if self.n_mixtures < 1 or self.mixture_entropy <= 0:
             raise ValueError("n_mixtures must be >= 1 and mixture_entropy > 0")
+        # (field, value, accepted range) of settings that would train silently wrong
+        for name, bad, accepted in (
+                ("lr", self.lr <= 0, "> 0"), ("lr_gamma", self.lr_gamma <= 0, "> 0 (e.g. 0.2)"),
+                ("tclip", self.tclip <= 0, "> 0 (the authors use 20)"),
+                ("adam_eps", self.adam_eps <= 0, "> 0 (e.g. 1e-8)"),
+                ("time_limit", self.time_limit < 0, ">= 0 minutes (0: none)"),
+                ("log_every", self.log_every < 1, ">= 1 steps"),
+                ("final_probe_images", self.final_probe_images < 0, ">= 0 (0: all)")):
+            if bad:
+                raise ValueError(f"{name} must be {accepted}, got {getattr(self, name)!r}")
 
     @property
     def encoder(self) -> EncoderConfig:
@@ -187,18 +198,29 @@ def resolve_device(name: str) -> torch.device:
     """auto -> cuda if available, else cpu; any other torch device name as is."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        hint = " (a GPU is cuda)" if name.lower().startswith("gpu") else ""
+        raise ValueError(f"--device {name!r} is not a device{hint}; use auto, cpu, cuda or "
+                         "cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
     return device
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per PretrainConfig field (n_rkhs -> --n-rkhs); unset flags keep the preset's value."""
+    """One flag per PretrainConfig field (n_rkhs -> --n-rkhs); unset flags keep the preset's
+    value, which each flag's help gives preset by preset."""
     for spec in dataclasses.fields(PretrainConfig):
         flag = "--" + spec.name.replace("_", "-")
         default = spec.default
-        kwargs = dict(default=None, help=f"{spec.metadata['help']} (default {default!r})")
+        by_preset = "; ".join(f"{name} {_shown(values[spec.name])}"
+                              for name, values in PRESETS.items() if spec.name in values)
+        every = all(spec.name in values for values in PRESETS.values())
+        shown = (by_preset if every else f"{by_preset}; other presets {_shown(default)}"
+                 if by_preset else _shown(default))
+        kwargs = dict(default=None, help=f"{spec.metadata['help']} (default {shown})")
         if spec.metadata["choices"]:
             kwargs["choices"] = spec.metadata["choices"]
         if isinstance(default, bool):
@@ -209,7 +231,38 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=type(default), **kwargs)
 
 
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value).replace("%", "%%")
+
+
+def choose_preset(data: str, device: str = "auto", data_root: str = "data") -> tuple[str, str]:
+    """(preset, why) for --data without --preset: by the data's stored image size and whether
+    training runs on a GPU. CPU: cifar-cpu up to 48 px, else imagenette-cpu (64 px); GPU:
+    cifar-small up to 48 px, stl10 (64 px) up to 96 px, else imagenet-small (128 px)."""
+    from .data import stored_image_size  # the data module needs this one
+
+    if data == "digits":
+        return "digits", None
+    size = stored_image_size(data, data_root)
+    gpu = resolve_device(device).type == "cuda"
+    if size is None:  # not readable yet: the run will say why
+        size = 32
+    if gpu:
+        name = "cifar-small" if size <= 48 else "stl10" if size <= 96 else "imagenet-small"
+    else:
+        name = "cifar-cpu" if size <= 48 else "imagenette-cpu"
+    return name, f"{size} px images, training on {'a GPU' if gpu else 'the CPU'}"
+
+
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    """The preset (--preset; without it, chosen for --data by choose_preset) with every flag
+    given applied. The choice is in `args.preset_chosen` afterwards: (name, why or None)."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)
                  if getattr(args, f.name) is not None}
-    return preset(args.preset, **overrides)
+    name, why = getattr(args, "preset", None), None
+    if name is None:
+        name, why = choose_preset(overrides.get("data", "digits"),
+                                  overrides.get("device", "auto"),
+                                  overrides.get("data_root", "data"))
+    args.preset_chosen = (name, why)
+    return preset(name, **overrides)

@@ -11,6 +11,8 @@ before it starts. Folder layouts that cannot work raise a DataError saying what 
 """
 from __future__ import annotations
 
+import os
+import urllib.error
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +25,7 @@ from torchvision import datasets
 # DataError and the folder datasets live with the file reading; their users import them from here
 from .images import (IMAGE_EXTENSIONS, DataError, ImageClasses,  # noqa: F401
                      ImageFiles, skipped_files)
-from .tensor_data import load_npz
+from .tensor_data import load_npz, npz_first_image
 from .views import TwoViews, evaluation_transform
 
 # per-dataset normalisation (mean, std), the authors' values where they give them
@@ -35,6 +37,38 @@ STATS = {
     "digits": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 KNOWN = ("digits", "cifar10", "cifar100", "stl10")
+KNOWN_SIZES = {"digits": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}  # stored px
+DOWNLOADS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+             "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+             "stl10": "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"}
+
+
+def resolved_data(data: str) -> str:
+    """A --data path as an absolute path (so that other spellings and other working folders
+    name the same data); dataset names as they are."""
+    if data.lower() in KNOWN:
+        return data
+    return str(Path(data).expanduser().resolve())
+
+
+def stored_image_size(data: str, data_root: str = "data") -> int | None:
+    """The larger side in px of the data's first image as stored (a known dataset's by name);
+    None where it cannot be read (the run itself will then say why)."""
+    if data.lower() in KNOWN_SIZES:
+        return KNOWN_SIZES[data.lower()]
+    path = Path(data)
+    try:
+        if path.suffix.lower() == ".npz":
+            return max(npz_first_image(path).size)
+        for parent, dirs, names in os.walk(path, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
+                    with Image.open(Path(parent, name)) as image:
+                        return max(image.size)
+    except Exception:  # noqa: BLE001 - any unreadable file: the run reports it properly
+        return None
+    return None
 
 
 def dataset_name(data: str) -> str:
@@ -90,6 +124,13 @@ def _torchvision(name: str, root: str, split: str, download: bool, transform: Ca
             return datasets.STL10(root, split=split, download=download, transform=transform)
         cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
         return cls(root, train=split != "test", download=download, transform=transform)
+    except (urllib.error.URLError, OSError) as error:  # no network, or a proxy in the way
+        if not download:
+            raise
+        reason = getattr(error, "reason", None) or error
+        raise DataError(f"could not download {name} ({reason}): is there no network here? "
+                        f"Fetch {DOWNLOADS[name]} elsewhere, put the archive (or its unpacked "
+                        f"folder) in {Path(root).resolve()}, and run without --download") from None
     except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
         hint = "" if download else " or pass --download to fetch it"
         raise DataError(f"{name} not found under {Path(root).resolve()} ({error}); point "
@@ -100,11 +141,13 @@ def _folder_split(root: Path, names: tuple[str, ...]) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
 
 
-def _npz_images(path: Path, transform: Callable) -> ArrayImages:
+def _npz_images(path: Path, transform: Callable, strict: bool = False) -> ArrayImages:
     """A compact .npz split (JPEG streams laid end to end, as in shared/data) decoded once."""
-    cache = load_npz(path)  # images (N, 3, H, W) uint8 on the CPU
-    return ArrayImages(cache.images.permute(0, 2, 3, 1).numpy(), cache.labels.numpy(),
-                       transform, list(cache.classes) or None)
+    cache = load_npz(path, strict=strict)  # images (N, 3, H, W) uint8 on the CPU
+    images = ArrayImages(cache.images.permute(0, 2, 3, 1).numpy(), cache.labels.numpy(),
+                         transform, list(cache.classes) or None)
+    images.skipped = list(cache.skipped)  # undecodable entries, left out (skipped_files)
+    return images
 
 
 def _npz_split(path: Path, split: str) -> Path | None:
@@ -151,9 +194,9 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset | None, int]:
         test = _torchvision(name, cfg.data_root, "test", cfg.download, test_transform)
         return train, test, {"cifar10": 10, "cifar100": 100, "stl10": 10}[name]
     if name.endswith(".npz"):
-        train = _npz_images(Path(cfg.data), views)
+        train = _npz_images(Path(cfg.data), views, cfg.strict_data)
         test_path = _npz_split(Path(cfg.data), "test")
-        test = _npz_images(test_path, test_transform) if test_path else None
+        test = _npz_images(test_path, test_transform, cfg.strict_data) if test_path else None
         return train, test, len(class_names(train))
     root = _existing_folder(cfg.data)
     train_dir = _folder_split(root, ("train",))
@@ -188,7 +231,7 @@ def labelled_split(data: str, split: str, transform: Callable, data_root: str = 
         if path is None:
             raise DataError(f"no test split beside {data}: expected a file named like "
                             f"{Path(data).name.replace('_train', '_test')}")
-        return _npz_images(path, transform)
+        return _npz_images(path, transform, strict)
     root = _existing_folder(data)
     names = ("train",) if split == "train" else ("val", "test")
     folder = _folder_split(root, names)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 from tqdm import tqdm
 
@@ -80,6 +80,9 @@ class EvaluationConfig:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.data_path not in ("auto", "device", "loader"):
             raise ValueError(f"data_path must be auto, device or loader, got {self.data_path!r}")
+        if self.knn_temperature <= 0 or self.lr <= 0:
+            raise ValueError(f"knn_temperature and lr must be > 0 (got {self.knn_temperature}, "
+                             f"{self.lr}); e.g. --knn-temperature 0.07")
 
 
 def default_schedule(data: str) -> str:
@@ -271,9 +274,12 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_root: str | Non
               "seconds": round(time.perf_counter() - start, 1)}
     out = Path(out) if out else Path(path).with_suffix(f".eval-{cfg.mode}.json")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
-    except OSError as error:
-        raise EvaluationError(f"cannot write the results to {out} ({error}); pass --out") from None
+    except OSError as error:  # the results are not lost: they go to stdout first
+        print(json.dumps(report, indent=2))
+        raise EvaluationError(f"cannot write the results to {out} ({error.strerror or error}); "
+                              "they are printed above. Pass --out elsewhere") from None
     report["out"] = str(out)
     return report
 
@@ -295,15 +301,22 @@ def linear_probe_accuracy(encoder: Encoder, train_set: Dataset, test_set: Datase
 
 
 def compare_with_random_init(encoder: Encoder, seed: int, train_set: Dataset, test_set: Dataset,
-                             device: torch.device) -> dict[str, float]:
+                             device: torch.device, max_images: int = 0) -> dict[str, float]:
     """Linear-probe accuracy of the trained encoder next to the same architecture at random
-    init: the proof that pretraining learned something. Prints both."""
+    init: the proof that pretraining learned something. Prints both. max_images: fit on a
+    fixed random sample of this many training images (0: all)."""
     train_plain = copy.copy(train_set)  # the training images with the deterministic transform
     train_plain.transform = test_set.transform
+    if 0 < max_images < len(train_plain):
+        sample = torch.randperm(len(train_plain), generator=torch.Generator().manual_seed(seed))
+        train_plain = Subset(train_plain, sample[:max_images].tolist())
     torch.manual_seed(seed)
     random_init = build_encoder(encoder.cfg).to(device)
-    trained = linear_probe_accuracy(encoder, train_plain, test_set, device)
-    baseline = linear_probe_accuracy(random_init, train_plain, test_set, device)
+    log.info("final probe: logistic regression on %d training images, for the trained encoder "
+             "and at random init", len(train_plain))
+    trained, baseline = (linear_probe_accuracy(model, train_plain, test_set, device)
+                         for model in tqdm((encoder, random_init), desc="final probe",
+                                           unit="encoder", leave=False))
     print(f"linear probe on frozen features: trained encoder {100 * trained:.1f}% | "
           f"same architecture at random init {100 * baseline:.1f}%")
     return {"final_linear_probe_acc": trained, "random_init_linear_probe_acc": baseline}

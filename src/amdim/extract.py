@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import resolve_device
-from .data import STATS, DataError, ImageFiles, class_names, labelled_split, normalisation
+from .data import (KNOWN_SIZES, STATS, DataError, ImageFiles, class_names, labelled_split,
+                   normalisation)
 from .encoder import Encoder, Features
 from .step import autocast_for
 from .views import evaluation_transform
@@ -28,11 +29,14 @@ log = logging.getLogger("amdim")
 def checkpoint_data(state: dict, data: str | None, data_root: str | None) -> tuple[str, str]:
     """(data, data_root): the flags if given, else what the checkpoint was trained on."""
     config = state.get("config") or {}
-    data = data or config.get("data")
+    given, data = data, data or config.get("data")
     if data is None:
         raise DataError("this checkpoint (the authors' format) does not record its data; pass "
                         "--data (digits, cifar10, cifar100, stl10, or a folder with train/<class>/ "
                         "and val/<class>/)")
+    if not given and data.lower() not in KNOWN_SIZES and not Path(data).exists():
+        raise DataError(f"the checkpoint's data {data} is not there (moved, or another "
+                        "machine); pass --data with where it is now")
     return data, data_root or config.get("data_root", "data")
 
 
@@ -190,7 +194,12 @@ def extract(path: str, data: str | None = None, split: str = "test", out: str | 
     arrays = extract_features(encoder, dataset, target, batch_size, workers, maps)
     arrays["names"] = sample_names(dataset, root)
     arrays["classes"] = classes
-    save_features(arrays, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_features(arrays, out)
+    except OSError as error:
+        raise DataError(f"cannot write the features to {out} ({error.strerror or error}); "
+                        "free some space or pass --out elsewhere") from None
     log.info("%d x %d features -> %s", *arrays["features"].shape, out)
     return out
 

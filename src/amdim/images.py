@@ -140,17 +140,22 @@ class _CheckedFiles(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        for offset in range(MAX_SUBSTITUTES):
+        for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
                 image = open_rgb(path)
             # any exception: Pillow's plugins raise OSError, SyntaxError, ValueError, ...
             except Exception as error:  # noqa: BLE001
                 self._unreadable(path, error)
+                # a run of missing files is files deleted (go on) or the folder gone (stop)
+                if offset + 1 >= MAX_SUBSTITUTES and not (
+                        isinstance(error, FileNotFoundError) and self.root.is_dir()):
+                    break
                 continue
             return (self.transform(image) if self.transform else image), label
-        raise DataError(f"{MAX_SUBSTITUTES} image files in a row from item {index} on are "
-                        f"unreadable (the last: {path}); has the data folder gone away?")
+        raise DataError(f"{offset + 1} image files in a row from item {index} on are "
+                        f"unreadable (the last: {path}); has the data folder {self.root} gone "
+                        "away?")
 
     def _unreadable(self, path: str, error: Exception) -> None:
         if self.strict:
@@ -207,6 +212,11 @@ class ImageClasses(_CheckedFiles):
         samples = [(str(f), self.class_to_idx[name])
                    for name, found in files.items() for f in found]
         super().__init__(samples, transform, strict, root)
+        kept = {label for _, label in self.samples}
+        lost = [name for name, i in self.class_to_idx.items() if i not in kept]
+        if lost:  # (with strict, the first unreadable file has already stopped the run)
+            log.warning("no readable image is left in the class folder(s) %s of %s: those "
+                        "classes have no images here", lost, root)
 
     @property
     def targets(self) -> list[int]:

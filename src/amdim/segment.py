@@ -178,6 +178,9 @@ def main(args: argparse.Namespace) -> None:
         _segment(args)
     except (ValueError, CheckpointError, DataError) as error:
         raise SystemExit(f"amdim segment: {error}") from None
+    except OSError as error:  # e.g. a full disk or a read-only folder for --out
+        raise SystemExit(f"amdim segment: cannot write {error.filename or args.out} "
+                         f"({error.strerror or error})") from None
 
 
 def _segment(args: argparse.Namespace) -> None:
@@ -191,6 +194,7 @@ def _segment(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in (("data", args.data), ("data_root", args.data_root)) if v}
     cfg = PretrainConfig.from_dict({**cfg.to_dict(), **overrides})
     images, mean, std = _test_images(cfg, args.n_images)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     coherence = segment_images(encoder, head, images, mean, std, args.out, cfg.tclip,
                                cfg.mixture_entropy)
     log.info("wrote %s (%d images, %d components)", args.out, len(images), cfg.n_mixtures)

@@ -14,8 +14,12 @@ also pass the number of batches already taken (set_epoch(epoch, batch)).
 from __future__ import annotations
 
 import io
+import logging
 import os
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,8 +30,9 @@ from PIL import Image
 
 from .batch_order import batch_indices, derive_seed
 from .batch_views import BatchEvaluation, BatchViews
-from .images import DataError
+from .images import WARN_FILES, DataError
 
+log = logging.getLogger("amdim")
 NPZ_KEYS = ("jpeg", "offsets", "labels")  # required; "classes" is optional
 DECODE_CHUNK = 512  # images per decoding task
 
@@ -35,11 +40,12 @@ DECODE_CHUNK = 512  # images per decoding task
 @dataclass(frozen=True)
 class ImageCache:
     """A decoded dataset on one device: images uint8 (N, 3, H, W), labels int64 (N,)
-    (-1: unlabelled), class names."""
+    (-1: unlabelled), class names, and the entries left out as undecodable ("FILE[i]")."""
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
@@ -91,12 +97,15 @@ def fits_in_memory(n_images: int, image_size: int, device: torch.device | str, *
 def _decode_into(out: np.ndarray, labels: np.ndarray, item: Callable[[int], tuple],
                  where: str, workers: int | None) -> None:
     """Fill out (N, 3, H, W) and labels (N,) from item(i) -> (RGB array (H, W, 3), label),
-    in chunks on a thread pool (Pillow releases the GIL while decoding)."""
+    in chunks on a thread pool (Pillow releases the GIL while decoding); an item whose
+    pixels are None is left as zeros."""
     shape = out.shape[2], out.shape[3], 3
 
     def decode(start: int) -> None:
         for i in range(start, min(start + DECODE_CHUNK, len(out))):
             pixels, labels[i] = item(i)
+            if pixels is None:
+                continue
             if pixels.shape != shape:
                 raise DataError(
                     f"{where}: image {i} is {pixels.shape[1]}x{pixels.shape[0]} px but image 0 "
@@ -122,39 +131,100 @@ def _rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def load_npz(path: str | os.PathLike, device: torch.device | str = "cpu",
-             workers: int | None = None) -> ImageCache:
-    """Decode a compact .npz dataset (keys jpeg, offsets, labels, classes: one JPEG stream
-    per image laid end to end, see shared/data/README.md) into an ImageCache on `device`."""
-    path = Path(path)
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(jpeg, offsets, labels, classes) of a .npz dataset, checked: a DataError says what is
+    wrong with a file that is not one, is damaged, or holds offsets or labels that cannot be."""
     if not path.is_file():
         raise DataError(f"{path} does not exist; pass the path of a .npz dataset file")
+    with open(path, "rb") as f:
+        start = f.read(4)
+    if start != b"PK\x03\x04":  # every .npz is a zip archive
+        raise DataError(f"{path} is not a readable .npz archive (it starts with {start!r}, not "
+                        "a zip header); pass a dataset written with numpy.savez")
     try:
-        archive = np.load(path)
-    except (ValueError, OSError, EOFError) as error:
-        raise DataError(f"{path} is not a readable .npz archive ({error})") from None
-    with archive:
-        missing = [k for k in NPZ_KEYS if k not in archive.files]
-        if missing:
-            raise DataError(f"{path} lacks the arrays {missing} (has {archive.files}); the "
-                            "format is jpeg (uint8 bytes), offsets (N+1), labels (N), classes (C)")
-        # each archive[key] access decompresses again: read every array once
-        jpeg, offsets = archive["jpeg"], archive["offsets"].astype(np.int64)
-        labels = archive["labels"].astype(np.int64)
-        classes = [str(c) for c in archive["classes"]] if "classes" in archive.files else []
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [k for k in NPZ_KEYS if k not in archive.files]
+            if missing:
+                raise DataError(f"{path} lacks the arrays {missing} (has {archive.files}); the "
+                                "format is jpeg (uint8 bytes), offsets (N+1), labels (N), "
+                                "classes (C)")
+            # each archive[key] access decompresses again: read every array once
+            jpeg, offsets = archive["jpeg"], archive["offsets"].astype(np.int64)
+            labels = archive["labels"].astype(np.int64)
+            classes = [str(c) for c in archive["classes"]] if "classes" in archive.files else []
+    # a damaged archive: zipfile, zlib and numpy each raise their own
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise DataError(f"{path} is not a readable .npz archive: damaged (truncated or changed "
+                        f"bytes: {type(error).__name__}: {error}); copy it again") from None
     n = len(labels)
     if len(offsets) != n + 1 or n == 0:
         raise DataError(f"{path}: offsets has {len(offsets)} entries for {n} labels; need N+1 "
                         "offsets for N > 0 images")
+    if offsets[0] < 0 or offsets[-1] > len(jpeg) or np.any(np.diff(offsets) < 0):
+        raise DataError(f"{path}: the offsets are not increasing from 0 to at most the "
+                        f"{len(jpeg)} bytes of jpeg (they run from {offsets[0]} to "
+                        f"{offsets[-1]}); the file is damaged or was written wrongly")
+    top = len(classes) if classes else np.iinfo(np.int64).max
+    bad = (labels < -1) | (labels >= top)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{path}: {int(bad.sum())} labels lie outside -1..{top - 1} (the "
+                        f"{len(classes)} classes), e.g. image {i} has label {labels[i]}")
+    return jpeg, offsets, labels, classes
 
-    def item(i: int) -> tuple[np.ndarray, int]:
-        with Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())) as image:
-            return _rgb(image), labels[i]
 
-    first = item(0)[0]
+def npz_first_image(path: str | os.PathLike) -> Image.Image:
+    """The first image of a .npz dataset, read without decompressing the rest."""
+    with zipfile.ZipFile(path) as archive:
+        offsets = np.load(archive.open("offsets.npy"))
+        with archive.open("jpeg.npy") as f:
+            fmt = np.lib.format
+            header = (fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0)
+                      else fmt.read_array_header_2_0)
+            header(f)  # the array's bytes follow
+            f.read(int(offsets[0]))
+            image = Image.open(io.BytesIO(f.read(int(offsets[1] - offsets[0]))))
+            image.load()
+            return image
+
+
+def load_npz(path: str | os.PathLike, device: torch.device | str = "cpu",
+             workers: int | None = None, strict: bool = False) -> ImageCache:
+    """Decode a compact .npz dataset (keys jpeg, offsets, labels, classes: one JPEG stream
+    per image laid end to end, see shared/data/README.md) into an ImageCache on `device`.
+    Entries that do not decode are left out with a warning and listed in its `skipped`
+    (strict: a DataError)."""
+    path = Path(path)
+    jpeg, offsets, labels, classes = _read_npz(path)
+    n, problems = len(labels), {}
+
+    def item(i: int) -> tuple[np.ndarray | None, int]:
+        try:
+            with Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())) as image:
+                return _rgb(image), labels[i]
+        # any exception: Pillow's plugins raise OSError, SyntaxError, ValueError, ...
+        except Exception as error:  # noqa: BLE001
+            problems[i] = f"{type(error).__name__}: {error}"
+            return None, labels[i]
+
+    first = next((pixels for pixels, _ in map(item, range(n)) if pixels is not None), None)
+    if first is None:
+        raise DataError(f"none of the {n} images in {path} decode (image 0: {problems[0]})")
     images = np.empty((n, 3) + first.shape[:2], dtype=np.uint8)
     _decode_into(images, labels, item, str(path), workers)
-    return _to_device(images, labels, device, classes, str(path))
+    if problems and strict:
+        raise DataError(f"{len(problems)} undecodable image(s) in {path} (e.g. image "
+                        f"{min(problems)}: {problems[min(problems)]}); run without "
+                        "--strict-data to skip them with a warning")
+    for i in sorted(problems)[:WARN_FILES]:
+        log.warning("skipping undecodable image %d of %s (%s)", i, path, problems[i])
+    if len(problems) > WARN_FILES:
+        log.warning("skipping %d more undecodable images of %s", len(problems) - WARN_FILES, path)
+    keep = np.setdiff1d(np.arange(n), sorted(problems))
+    if len(problems):
+        images, labels = images[keep], labels[keep]
+    cache = _to_device(images, labels, device, classes, str(path))
+    return dataclasses.replace(cache, skipped=tuple(f"{path}[{i}]" for i in sorted(problems)))
 
 
 def cache_dataset(dataset, device: torch.device | str = "cpu",

@@ -7,12 +7,14 @@ steps (step.TrainingStep), the evaluation and the metrics line, and the checkpoi
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
 import signal
+import socket
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,17 +26,20 @@ from . import checkpoint, distributed
 from .batches import choose_data_path, make_batches
 from .config import (PRESETS, PretrainConfig, add_config_flags, config_from_args,
                      milestone_factor, resolve_device, resolve_runtime)
-from .data import DataError, build_datasets, skipped_files
+from .data import DataError, build_datasets, resolved_data, skipped_files
 from .evaluate import compare_with_random_init
 from .model import AMDIM
 from .step import LOSSES, NCE_TERMS, EpochSums, TrainingStep, autocast_for
 
 log = logging.getLogger("amdim")
 CHECKPOINT = "checkpoint.pt"
+LOCK = "lock"  # held (flock) by the run writing into the folder; names its PID and host
+# exit status of `amdim pretrain` when stopped early (the run resumes from its checkpoint)
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "time limit": 75}  # 75: EX_TEMPFAIL
 # settings a resumed run may change; every other field must equal the saved run's
 RESUMABLE = {"epochs", "workers", "threads", "device", "run_dir", "data_root", "download",
              "log_every", "final_probe", "skip_nonfinite", "strict_data", "data_path", "compile",
-             "time_limit", "channels_last"}
+             "time_limit", "channels_last", "final_probe_images"}
 
 
 class TrainingError(RuntimeError):
@@ -78,7 +83,8 @@ def probe_accuracy(model: AMDIM, loader: DataLoader, device: torch.device, autoc
     model.eval()
     correct = torch.zeros(2, device=device)
     count = 0
-    for images, labels in loader:
+    for images, labels in tqdm(loader, desc="test probes", unit="batch", leave=False,
+                               mininterval=1.0):
         images, labels = images.to(device, non_blocking=True), labels.to(device)
         with autocast():
             logits_mlp, logits_linear = model.probes(model.encoder(images).r1)
@@ -92,6 +98,8 @@ def probe_accuracy(model: AMDIM, loader: DataLoader, device: torch.device, autoc
 
 def _check_same_run(saved: dict, cfg: PretrainConfig, path: Path) -> None:
     current = cfg.to_dict()
+    if "data" in saved:  # older runs saved the path as typed, relative to where they ran
+        saved = {**saved, "data": resolved_data(saved["data"])}
     diffs = [f"{k}: saved {saved.get(k)!r}, requested {current[k]!r}" for k in current
              if k not in RESUMABLE and _plain(saved.get(k)) != _plain(current[k])]
     if diffs:
@@ -106,13 +114,65 @@ def _plain(value):
 
 @contextmanager
 def _explain_out_of_memory(cfg: PretrainConfig, path: Path):
+    kept = (f"the last checkpoint {path} is kept and the run resumes from it" if path.exists()
+            else "no checkpoint had been saved yet")
+    smaller = f"lower --batch-size (e.g. --batch-size {max(2, cfg.batch_size // 2)})"
     try:
         yield
     except torch.OutOfMemoryError:
+        raise TrainingError(f"out of GPU memory with batch_size {cfg.batch_size}: {smaller}, "
+                            f"use --precision bf16, or a smaller model; {kept}") from None
+    except (RuntimeError, MemoryError) as error:  # the CPU allocator raises a RuntimeError
+        if not isinstance(error, MemoryError) and "can't allocate memory" not in str(error):
+            raise
         raise TrainingError(
-            f"out of GPU memory with batch_size {cfg.batch_size}: lower --batch-size (e.g. "
-            f"--batch-size {max(2, cfg.batch_size // 2)}), use --precision bf16, or a smaller "
-            f"model; the last checkpoint {path} is kept and the run resumes from it") from None
+            f"out of CPU memory (RAM) with batch_size {cfg.batch_size} and ndf {cfg.ndf}: "
+            f"{smaller} or use a smaller model (--ndf, --n-rkhs, --n-depth); {kept}") from None
+
+
+@contextmanager
+def _locked(run_dir: Path):
+    """Hold an exclusive lock on the run folder (created if missing) while the run lives:
+    flock on run_dir/lock, released by the OS when the process ends however it ends, so a
+    kill -9 leaves no stale lock. On NFS, Linux takes it as a POSIX lock on the server;
+    where the filesystem has no locks at all, a warning says the folder is unprotected."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file = open(run_dir / LOCK, "a+")
+    except OSError as error:  # a file in the way, a read-only folder, no permission
+        raise TrainingError(f"cannot use {run_dir} as the run folder ({error.strerror or error}); "
+                            "pass a writable folder as --run-dir") from None
+    with file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            raise TrainingError(f"{run_dir} is in use by another run ({holder}); wait for it to "
+                                "end or stop it, or pass another --run-dir") from None
+        except OSError as error:  # ENOLCK, EOPNOTSUPP: a filesystem without locks
+            log.warning("cannot lock %s (%s): nothing stops a second run writing into it",
+                        run_dir, error.strerror or error)
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
+        yield
+
+
+def _keep_files_of_lost_run(run_dir: Path) -> None:
+    """A folder with metrics but no checkpoint (moved away, or a crash before the first was
+    saved): keep its metrics.jsonl and config.json under new names rather than overwrite."""
+    metrics = run_dir / "metrics.jsonl"
+    if (run_dir / CHECKPOINT).exists() or not metrics.exists() or metrics.stat().st_size == 0:
+        return
+    suffix = time.strftime(".before-%Y%m%d-%H%M%S")
+    for path in (metrics, run_dir / "config.json"):
+        if path.exists():
+            path.rename(path.with_name(path.name + suffix))
+    log.warning("%s holds metrics.jsonl but no %s: starting a new run there; the old "
+                "metrics.jsonl and config.json are kept with the suffix %s", run_dir,
+                CHECKPOINT, suffix)
 
 
 def _keep_metrics_until(path: Path, epoch: int) -> dict:
@@ -132,9 +192,16 @@ def _keep_metrics_until(path: Path, epoch: int) -> dict:
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
-    """Run (or resume) pretraining as configured; returns the last epoch's metrics.
-    Under torchrun, every rank runs this; rank 0 alone logs and writes files."""
-    return Pretraining(cfg).run()
+    """Run (or resume) pretraining as configured; returns the last epoch's metrics (with
+    "stopped": SIGINT, SIGTERM or "time limit" when it stopped early to be resumed).
+    Under torchrun, every rank runs this; rank 0 alone locks the run folder, logs and
+    writes files."""
+    run_dir, main_rank = Path(cfg.run_dir), int(os.environ.get("RANK", "0")) == 0
+    with (_locked(run_dir) if main_rank else nullcontext()), \
+            _explain_out_of_memory(cfg, run_dir / CHECKPOINT):
+        if main_rank:
+            _keep_files_of_lost_run(run_dir)
+        return Pretraining(cfg).run()
 
 
 class Pretraining:
@@ -164,13 +231,23 @@ class Pretraining:
         if self.device.type == "cuda":  # TF32 matmuls, autotuned convolutions
             torch.set_float32_matmul_precision("high")
             torch.backends.cudnn.benchmark = True
-        self.cfg, self.run_dir = cfg, Path(cfg.run_dir)
+        # the data path absolute: other spellings and working folders name the same data
+        self.cfg, self.run_dir = replace(cfg, data=resolved_data(cfg.data)), Path(cfg.run_dir)
         self.path = self.run_dir / CHECKPOINT
         self.state = checkpoint.load(self.path) if self.path.exists() else None
 
     def _build_data(self) -> None:
         cfg = self.cfg
         self.train_set, self.test_set, self.n_classes = build_datasets(cfg)
+        self.fingerprint = {"train_images": len(self.train_set), "n_classes": self.n_classes}
+        saved = (self.state or {}).get("data_fingerprint") or self.fingerprint
+        if saved["n_classes"] != self.n_classes:
+            raise TrainingError(f"{self.path} was trained on data with {saved['n_classes']} "
+                                f"classes; {cfg.data} has {self.n_classes}. Resume on the same "
+                                "data, or start a new run with another --run-dir")
+        if saved["train_images"] != len(self.train_set):
+            log.warning("%s was trained on %d training images; %s has %d now", self.path,
+                        saved["train_images"], cfg.data, len(self.train_set))
         steps = len(self.train_set) // cfg.batch_size
         if steps == 0:
             raise TrainingError(f"the training set has {len(self.train_set)} images, fewer than "
@@ -251,7 +328,7 @@ class Pretraining:
                      "workers", self.data_path, self.steps_per_epoch, cfg.precision,
                      "channels-last" if cfg.channels_last else "NCHW", cfg.threads, cfg.workers)
         try:
-            with StopOnSignal() as stop, _explain_out_of_memory(cfg, self.path):
+            with StopOnSignal() as stop:
                 while self.epoch < cfg.epochs:
                     if not self._train_epoch(stop):
                         if self.main_rank:
@@ -265,7 +342,8 @@ class Pretraining:
                 self.writer.close()
         if cfg.final_probe and self.test_set is not None and self.n_classes and self.main_rank:
             metrics.update(compare_with_random_init(self.model.encoder, cfg.seed, self.train_set,
-                                                    self.test_set, self.device))
+                                                    self.test_set, self.device,
+                                                    cfg.final_probe_images))
         return metrics
 
     def _train_epoch(self, stop: StopOnSignal) -> bool:
@@ -395,6 +473,7 @@ class Pretraining:
                     "optimizer": step.optimiser.state_dict(), "scaler": step.scaler.state_dict(),
                     "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
                     "rng": rngs, "data_path": self.data_path,
+                    "data_fingerprint": self.fingerprint,
                     "epoch_sums": torch.tensor(list(values.values()), dtype=torch.float64),
                     "skipped_batches": self.skipped_batches}, self.path)
             except OSError as error:  # e.g. a full disk: save_atomic left the old file intact
@@ -417,22 +496,48 @@ def register(subparsers) -> None:
         "linear-probe comparison against random initialisation. Real data: e.g. "
         "--preset cifar-small --data /path/to/cifar10 (a folder with train/<class>/ and "
         "test/<class>/) --run-dir runs/cifar. Rerunning a command resumes its run folder. "
-        "Defaults below are the plain defaults; a preset changes some of them.")
-    parser.add_argument("--preset", default="digits", choices=sorted(PRESETS),
-                        help="named defaults: " + "; ".join(
+        "Each flag's default is given preset by preset. Exit status: 0 finished, 130 "
+        "stopped by Ctrl-C, 143 by SIGTERM, 75 by --time-limit (rerun to resume), 1 an error.")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="named defaults (default: digits; with --data, the one that fits "
+                        "its image size and the device: cifar-cpu or imagenette-cpu on a CPU, "
+                        "cifar-small, stl10 or imagenet-small on a GPU): " + "; ".join(
                             f"{k}: {v.get('image_size')} px ndf {v.get('ndf')} n_rkhs "
                             f"{v.get('n_rkhs')} n_depth {v.get('n_depth')}" for k, v in PRESETS.items()))
     add_config_flags(parser)
     parser.set_defaults(func=_run)
 
 
+# the settings the start-up line shows (all of them are in the run folder's config.json)
+SHOWN = ("data", "image_size", "ndf", "n_rkhs", "n_depth", "batch_size", "epochs", "lr",
+         "warmup_steps", "lr_milestones", "final_probe")
+
+
+def _message(error: BaseException) -> str:
+    """The error's message, without the traceback that DataLoader adds to one raised in a
+    worker process."""
+    text = str(error) if not isinstance(error, OSError) or not error.strerror else (
+        f"{error.filename + ': ' if error.filename else ''}{error.strerror}")
+    if "Traceback (most recent call last)" in text:
+        last = text.strip().splitlines()[-1]
+        return last.partition(": ")[2] or last
+    return text
+
+
 def _run(args: argparse.Namespace) -> None:
     try:
         cfg = config_from_args(args)
+        name, why = args.preset_chosen
+        if int(os.environ.get("RANK", "0")) == 0:
+            log.info("preset %s%s; in effect: %s", name,
+                     f" (chosen for {why}; --preset picks another)" if why else "",
+                     ", ".join(f"{k} {_plain(getattr(cfg, k))}" for k in SHOWN))
         metrics = pretrain(cfg)
-    except (ValueError, TrainingError, DataError, checkpoint.CheckpointError) as error:
-        raise SystemExit(f"amdim pretrain: {error}") from None
+    except (ValueError, TrainingError, DataError, checkpoint.CheckpointError, OSError) as error:
+        raise SystemExit(f"amdim pretrain: {_message(error)}") from None
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     print(json.dumps(metrics, indent=2))
+    if "stopped" in metrics:  # saved, to be resumed: tell schedulers and scripts apart
+        raise SystemExit(EXIT_CODES.get(metrics["stopped"], EXIT_CODES["time limit"]))
