@@ -172,8 +172,10 @@ def test_bad_batches_are_explained():
 
 
 def test_fits_in_memory():
-    assert not fits_in_memory(50_000, 32, "cpu")
-    assert fits_in_memory(50_000, 32, "cpu", force=True)
+    # on a CPU: a quarter of the available RAM (CIFAR-10's 150 MB fit, 3 TB do not)
+    assert fits_in_memory(50_000, 32, "cpu") and not fits_in_memory(10**9, 32, "cpu")
+    assert fits_in_memory(10**9, 32, "cpu", force=True)
+    assert not fits_in_memory(50_000, 32, "meta")
     assert cache_bytes(50_000, 32, 32) == 50_000 * (3 * 32 * 32 + 8)
 
 
