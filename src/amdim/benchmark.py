@@ -129,7 +129,8 @@ def _end_to_end(cfg: PretrainConfig, step: TrainingStep, device: torch.device, d
     cache = load_npz(data, device)
     _synchronise(device)
     decode_s = time.perf_counter() - start
-    views = BatchViews(cfg.image_size, *normalisation(cfg.data))  # as make_batches builds them
+    views = BatchViews(cfg.image_size, *normalisation(cfg.data),  # as make_batches builds them
+                       channels_last=cfg.channels_last)
     batches = TrainBatches(cache, views, cfg.batch_size, seed=cfg.seed)
     height, width = cache.images.shape[2:]
     log.info("%s: %d images of %dx%d px decoded onto %s in %.1f s", data, len(cache), width,
