@@ -131,7 +131,7 @@ class Check:
         segment = ["segment", str(run / "checkpoint.pt"), "--out", str(maps), "--n-images", "16",
                    "--spatial-coherence", "--device", self.device]
         try:
-            import matplotlib  # noqa: F401
+            import matplotlib  # noqa: F401 (the maps need it)
         except ImportError:
             return {"pretrain": pretrain, "segment": "matplotlib is not installed here: draw "
                     "the maps where it is with `amdim " + " ".join(segment) + "`"}

@@ -221,3 +221,14 @@ def test_torchrun_trains_and_resumes(tmp_path):
     assert "resuming" in done.stderr
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]  # rank 0 alone writes
+
+
+def test_only_plain_batch_norms_are_synchronised():
+    """A batch-norm subclass that does more (timm's BatchNormAct2d) is kept, not flattened."""
+    class NormAct(torch.nn.BatchNorm2d):
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    module = torch.nn.Sequential(torch.nn.BatchNorm2d(4), NormAct(4))
+    distributed.synchronise_batchnorm(module)
+    assert isinstance(module[0], distributed.AllReduceBatchNorm) and type(module[1]) is NormAct

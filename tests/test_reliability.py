@@ -203,9 +203,9 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
 def test_a_second_run_into_the_same_folder_is_refused_naming_the_holder(tmp_path):
     import socket
 
-    from amdim.train import _locked
+    from amdim.run_folder import locked
 
-    with _locked(tmp_path):
+    with locked(tmp_path):
         done = subprocess.run(
             [sys.executable, "-m", "amdim", "pretrain", "--run-dir", str(tmp_path)],
             capture_output=True, text=True, timeout=120)

@@ -205,3 +205,12 @@ def test_time_limit_saves_and_stops(tmp_path):
     assert stopped["stopped"] == "time limit" and stopped["step"] == 1
     assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 1
     assert pretrain(tiny(tmp_path, epochs=3))["step"] == 9  # rerun without the limit: resumes
+
+
+def test_a_run_saved_before_a_setting_existed_resumes(tmp_path):
+    """A checkpoint whose config lacks a later field (e.g. backbone) reads it as the default."""
+    pretrain(tiny(tmp_path, epochs=1))
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    del state["config"]["backbone"]
+    checkpoint.save_atomic(state, tmp_path / "checkpoint.pt")
+    assert pretrain(tiny(tmp_path, epochs=2))["epoch"] == 2

@@ -11,6 +11,7 @@ torch.compile trace through them, so they add no graph break and no host sync.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -18,6 +19,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
+log = logging.getLogger("amdim")
 _features_group = None  # our collectives inside the model's backward: kept apart from DDP's
 
 
@@ -111,9 +113,11 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
 def synchronise_batchnorm(module: nn.Module) -> nn.Module:
     """Every batch norm in module normalises over the global batch (AllReduceBatchNorm, on
     every device). Parameters and statistics are kept: the same tensors, on their device.
-    Pass the encoder only: the probes read detached features and keep per-rank batch norm."""
+    Pass the encoder only: the probes read detached features and keep per-rank batch norm.
+    Subclasses that do more than normalise (timm's BatchNormAct2d holds an activation) are
+    left per-rank, with a warning, rather than replaced by a plain batch norm."""
     for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
             replacement = AllReduceBatchNorm(child.num_features, child.eps, child.momentum,
                                              child.affine, child.track_running_stats)
             # the same Parameter objects (optimisers and requires_grad carry over) and buffers
@@ -121,6 +125,9 @@ def synchronise_batchnorm(module: nn.Module) -> nn.Module:
                                 *child.named_buffers(recurse=False)]:
                 setattr(replacement, key, tensor)
             setattr(module, name, replacement.train(child.training))
+        elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+            log.warning("%s (%s) keeps per-rank statistics: only plain batch norms are "
+                        "synchronised across ranks", name, type(child).__name__)
         else:
             synchronise_batchnorm(child)
     return module

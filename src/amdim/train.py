@@ -7,14 +7,11 @@ steps (step.TrainingStep), the evaluation and the metrics line, and the checkpoi
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import os
-import signal
-import socket
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,21 +26,14 @@ from .config import (PRESETS, PretrainConfig, add_config_flags, config_from_args
 from .data import DataError, build_datasets, resolved_data, skipped_files
 from .evaluate import compare_with_random_init
 from .model import AMDIM
+from . import multiview
+from .paired import build_view_datasets
+from .run_folder import (CHECKPOINT, EXIT_CODES, StopOnSignal, TrainingError,  # noqa: F401
+                         check_same_run, explain_out_of_memory, keep_files_of_lost_run,
+                         keep_metrics_until, locked)
 from .step import LOSSES, NCE_TERMS, EpochSums, TrainingStep, autocast_for
 
 log = logging.getLogger("amdim")
-CHECKPOINT = "checkpoint.pt"
-LOCK = "lock"  # held (flock) by the run writing into the folder; names its PID and host
-# exit status of `amdim pretrain` when stopped early (the run resumes from its checkpoint)
-EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "time limit": 75}  # 75: EX_TEMPFAIL
-# settings a resumed run may change; every other field must equal the saved run's
-RESUMABLE = {"epochs", "workers", "threads", "device", "run_dir", "data_root", "download",
-             "log_every", "final_probe", "skip_nonfinite", "strict_data", "data_path", "compile",
-             "time_limit", "channels_last", "final_probe_images"}
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or go on, with what to do about it."""
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: PretrainConfig) -> float:
@@ -52,33 +42,13 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: PretrainConfig) -> float:
     return warmup * milestone_factor(step // steps_per_epoch, cfg.lr_milestones, cfg.lr_gamma)
 
 
-class StopOnSignal:
-    """SIGINT/SIGTERM set `requested`; the loop saves and stops at the next step boundary.
-    A second SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.requested: str | None = None
-
-    def _handle(self, number, frame):
-        if self.requested and number == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(number).name
-        log.warning("%s received: saving a checkpoint at the end of this step", self.requested)
-
-    def __enter__(self):
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-
 @torch.no_grad()
 def probe_accuracy(model: AMDIM, loader: DataLoader, device: torch.device, autocast
                    ) -> dict[str, float]:
     """Test accuracy of the online probes on the whole test set (eval mode: no dropout, no
     batch-norm statistics updated)."""
+    if isinstance(model, multiview.MultiViewAMDIM):  # probes per view and on all views
+        return multiview.probe_accuracy(model, loader, device, autocast)
     was_training = model.training
     model.eval()
     correct = torch.zeros(2, device=device)
@@ -96,111 +66,16 @@ def probe_accuracy(model: AMDIM, loader: DataLoader, device: torch.device, autoc
     return {"test_linear_acc": linear, "test_mlp_acc": mlp}
 
 
-def _check_same_run(saved: dict, cfg: PretrainConfig, path: Path) -> None:
-    current = cfg.to_dict()
-    if "data" in saved:  # older runs saved the path as typed, relative to where they ran
-        saved = {**saved, "data": resolved_data(saved["data"])}
-    diffs = [f"{k}: saved {saved.get(k)!r}, requested {current[k]!r}" for k in current
-             if k not in RESUMABLE and _plain(saved.get(k)) != _plain(current[k])]
-    if diffs:
-        raise TrainingError(
-            f"{path} holds a run with other settings ({'; '.join(diffs)}). Resume it with the "
-            "same settings, or start a new run with another --run-dir.")
-
-
-def _plain(value):
-    return list(value) if isinstance(value, (tuple, list)) else value
-
-
-@contextmanager
-def _explain_out_of_memory(cfg: PretrainConfig, path: Path):
-    kept = (f"the last checkpoint {path} is kept and the run resumes from it" if path.exists()
-            else "no checkpoint had been saved yet")
-    smaller = f"lower --batch-size (e.g. --batch-size {max(2, cfg.batch_size // 2)})"
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        raise TrainingError(f"out of GPU memory with batch_size {cfg.batch_size}: {smaller}, "
-                            f"use --precision bf16, or a smaller model; {kept}") from None
-    except (RuntimeError, MemoryError) as error:  # the CPU allocator raises a RuntimeError
-        if not isinstance(error, MemoryError) and "can't allocate memory" not in str(error):
-            raise
-        raise TrainingError(
-            f"out of CPU memory (RAM) with batch_size {cfg.batch_size} and ndf {cfg.ndf}: "
-            f"{smaller} or use a smaller model (--ndf, --n-rkhs, --n-depth); {kept}") from None
-
-
-@contextmanager
-def _locked(run_dir: Path):
-    """Hold an exclusive lock on the run folder (created if missing) while the run lives:
-    flock on run_dir/lock, released by the OS when the process ends however it ends, so a
-    kill -9 leaves no stale lock. On NFS, Linux takes it as a POSIX lock on the server;
-    where the filesystem has no locks at all, a warning says the folder is unprotected."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        file = open(run_dir / LOCK, "a+")
-    except OSError as error:  # a file in the way, a read-only folder, no permission
-        raise TrainingError(f"cannot use {run_dir} as the run folder ({error.strerror or error}); "
-                            "pass a writable folder as --run-dir") from None
-    with file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "another process"
-            raise TrainingError(f"{run_dir} is in use by another run ({holder}); wait for it to "
-                                "end or stop it, or pass another --run-dir") from None
-        except OSError as error:  # ENOLCK, EOPNOTSUPP: a filesystem without locks
-            log.warning("cannot lock %s (%s): nothing stops a second run writing into it",
-                        run_dir, error.strerror or error)
-        file.seek(0)
-        file.truncate()
-        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        file.flush()
-        yield
-
-
-def _keep_files_of_lost_run(run_dir: Path) -> None:
-    """A folder with metrics but no checkpoint (moved away, or a crash before the first was
-    saved): keep its metrics.jsonl and config.json under new names rather than overwrite."""
-    metrics = run_dir / "metrics.jsonl"
-    if (run_dir / CHECKPOINT).exists() or not metrics.exists() or metrics.stat().st_size == 0:
-        return
-    suffix = time.strftime(".before-%Y%m%d-%H%M%S")
-    for path in (metrics, run_dir / "config.json"):
-        if path.exists():
-            path.rename(path.with_name(path.name + suffix))
-    log.warning("%s holds metrics.jsonl but no %s: starting a new run there; the old "
-                "metrics.jsonl and config.json are kept with the suffix %s", run_dir,
-                CHECKPOINT, suffix)
-
-
-def _keep_metrics_until(path: Path, epoch: int) -> dict:
-    """Drop the metrics of epochs after the checkpoint's (written before a crash that lost
-    their checkpoint; they will be trained again) and torn lines; return the last kept line."""
-    if not path.exists():
-        return {}
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["epoch"] <= epoch:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    path.write_text("".join(line + "\n" for line in kept))
-    return json.loads(kept[-1]) if kept else {}
-
-
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or resume) pretraining as configured; returns the last epoch's metrics (with
     "stopped": SIGINT, SIGTERM or "time limit" when it stopped early to be resumed).
     Under torchrun, every rank runs this; rank 0 alone locks the run folder, logs and
     writes files."""
     run_dir, main_rank = Path(cfg.run_dir), int(os.environ.get("RANK", "0")) == 0
-    with (_locked(run_dir) if main_rank else nullcontext()), \
-            _explain_out_of_memory(cfg, run_dir / CHECKPOINT):
+    with (locked(run_dir) if main_rank else nullcontext()), \
+            explain_out_of_memory(cfg, run_dir / CHECKPOINT):
         if main_rank:
-            _keep_files_of_lost_run(run_dir)
+            keep_files_of_lost_run(run_dir)
         return Pretraining(cfg).run()
 
 
@@ -238,7 +113,13 @@ class Pretraining:
 
     def _build_data(self) -> None:
         cfg = self.cfg
-        self.train_set, self.test_set, self.n_classes = build_datasets(cfg)
+        self.layout = None  # --views augment: two augmented views, one encoder
+        if cfg.views == "augment":
+            self.train_set, self.test_set, self.n_classes = build_datasets(cfg)
+        else:  # the data's views, or L and ab: one encoder per view or one shared
+            self.train_set, self.test_set, self.n_classes = build_view_datasets(cfg)
+            self.layout = multiview.view_layout(self.train_set.layout, cfg.view_encoders,
+                                                cfg.views)
         self.fingerprint = {"train_images": len(self.train_set), "n_classes": self.n_classes}
         saved = (self.state or {}).get("data_fingerprint") or self.fingerprint
         if saved["n_classes"] != self.n_classes:
@@ -263,12 +144,16 @@ class Pretraining:
         self.cfg = resolve_runtime(cfg, self.device, self.data_path, here)
         torch.set_num_threads(self.cfg.threads)
         if self.state:
-            _check_same_run(self.state["config"], self.cfg, self.path)
+            check_same_run(self.state["config"], self.cfg, self.path)
+            try:
+                multiview.check_layout(self.state.get("views"), self.layout, self.path)
+            except ValueError as error:
+                raise TrainingError(str(error)) from None
 
     def _build_model(self) -> None:
         cfg, device = self.cfg, self.device
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = model = AMDIM(cfg, self.n_classes).to(device)
+        self.model = model = multiview.build_model(cfg, self.n_classes, self.layout).to(device)
         if cfg.channels_last:  # before DDP sizes its buckets
             model.to(memory_format=torch.channels_last)
         step_model = model
@@ -322,7 +207,7 @@ class Pretraining:
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            metrics = _keep_metrics_until(self.run_dir / "metrics.jsonl", self.epoch)
+            metrics = keep_metrics_until(self.run_dir / "metrics.jsonl", self.epoch)
             self.writer = SummaryWriter(str(self.run_dir))
             log.info("data path %s, %d steps per epoch, %s, %s, %d compute threads, %d loader "
                      "workers", self.data_path, self.steps_per_epoch, cfg.precision,
@@ -341,9 +226,14 @@ class Pretraining:
             if self.writer is not None:
                 self.writer.close()
         if cfg.final_probe and self.test_set is not None and self.n_classes and self.main_rank:
-            metrics.update(compare_with_random_init(self.model.encoder, cfg.seed, self.train_set,
-                                                    self.test_set, self.device,
-                                                    cfg.final_probe_images))
+            if self.layout is None:
+                metrics.update(compare_with_random_init(self.model.encoder, cfg.seed,
+                                                        self.train_set, self.test_set,
+                                                        self.device, cfg.final_probe_images))
+            else:  # per view and on all views
+                metrics.update(multiview.compare_with_random_init(
+                    self.model, cfg, self.train_set, self.test_set, self.device,
+                    cfg.final_probe_images))
         return metrics
 
     def _train_epoch(self, stop: StopOnSignal) -> bool:
@@ -357,14 +247,15 @@ class Pretraining:
                    desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.main_rank,
                    mininterval=1.0, dynamic_ncols=True)
         with bar:
-            for (x1, x2), labels in self.train_batches:
+            for (x1, x2, *more_views), labels in self.train_batches:
                 if self.step_in_epoch >= self.steps_per_epoch:
                     break
                 lr = cfg.lr * lr_factor(self.step, self.steps_per_epoch, cfg)
                 if cfg.time_limit and time.perf_counter() - self.started > 60 * cfg.time_limit:
                     stop.requested = stop.requested or "time limit"
-                x1, x2, labels = (x.to(self.device, non_blocking=True) for x in (x1, x2, labels))
-                self.sums.add(self.train_step(x1, x2, labels, lr))
+                x1, x2, labels, *more_views = (x.to(self.device, non_blocking=True)
+                                               for x in (x1, x2, labels, *more_views))
+                self.sums.add(self.train_step(x1, x2, labels, lr, more_views))
                 self.step_in_epoch, self.step = self.step_in_epoch + 1, self.step + 1
                 images += len(labels) * self.world_size
                 bar.update()
@@ -472,7 +363,7 @@ class Pretraining:
                     "mixture_head": model.mixture_head.state_dict() if model.mixture_head else None,
                     "optimizer": step.optimiser.state_dict(), "scaler": step.scaler.state_dict(),
                     "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
-                    "rng": rngs, "data_path": self.data_path,
+                    "rng": rngs, "data_path": self.data_path, "views": self.layout,
                     "data_fingerprint": self.fingerprint,
                     "epoch_sums": torch.tensor(list(values.values()), dtype=torch.float64),
                     "skipped_batches": self.skipped_batches}, self.path)
@@ -531,7 +422,7 @@ def _run(args: argparse.Namespace) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             log.info("preset %s%s; in effect: %s", name,
                      f" (chosen for {why}; --preset picks another)" if why else "",
-                     ", ".join(f"{k} {_plain(getattr(cfg, k))}" for k in SHOWN))
+                     ", ".join(f"{k} {getattr(cfg, k)}" for k in SHOWN))
         metrics = pretrain(cfg)
     except (ValueError, TrainingError, DataError, checkpoint.CheckpointError, OSError) as error:
         raise SystemExit(f"amdim pretrain: {_message(error)}") from None
