@@ -45,7 +45,9 @@ from .batch_geometry import (CROP_TRIES, centre_crop_weights, crop_boxes, crop_c
                              crop_windows, reflected, resize_centre_crop,
                              resized_crop, sample_crop_boxes, translate)  # noqa: F401 (API)
 from .encoder import IMAGE_SIZES
-from .views import CROP_RATIO, CROP_SCALE, EVAL_RESIZE, JITTER, MAX_TRANSLATION, hue_jitter
+from .augment import LIGHTING_STD, PCA_EIGVAL, PCA_EIGVEC
+from .views import (CROP_RATIO, CROP_SCALE, EVAL_RESIZE, JITTER, MAX_TRANSLATION, crop_scale,
+                    hue_jitter)
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") in the CPU path
 # columns of the batch's random draw (copies, B, COLUMNS): flags compared with their
@@ -161,12 +163,19 @@ class BatchViews:
     come in that memory format, as a channels-last model wants them (no copy per step).
 
     The probabilities are arguments only so that tests can isolate one augmentation; the
-    defaults are the paper's (views.py).
+    defaults are the paper's (views.py). augment: paper, or imagenet-faa (views.py's: crop
+    scale 0.2-0.9, the Fast AutoAugment ImageNet policy after the crop, grouped by operation
+    in batch_policy, and PCA lighting folded into the normalisation); seed: of the policy's
+    host draws.
     """
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], *,
                  flip_p: float = 0.5, translate_p: float = 0.8, jitter_p: float = 0.8,
-                 grayscale_p: float = 0.25, channels_last: bool = False):
+                 grayscale_p: float = 0.25, channels_last: bool = False,
+                 augment: str = "paper", seed: int = 0):
+        if augment not in ("paper", "imagenet-faa"):
+            raise ValueError(f"the device data path builds the views paper and imagenet-faa; "
+                             f"--augment {augment} runs on the loader path (--data-path loader)")
         if image_size not in IMAGE_SIZES:
             raise ValueError(f"image_size {image_size} has no AMDIM encoder; use one of "
                              f"{IMAGE_SIZES}")
@@ -178,6 +187,11 @@ class BatchViews:
         self.flip_p, self.translate_p = flip_p, translate_p
         self.jitter_p, self.grayscale_p = jitter_p, grayscale_p
         self.channels_last = channels_last
+        self.augment, self.crop_scale = augment, crop_scale(augment)
+        self.policy = None
+        if augment == "imagenet-faa":
+            from .batch_policy import BatchFastAutoAugment  # it imports this module's LUMA
+            self.policy = BatchFastAutoAugment(seed=seed)
         self._constants: dict[tuple, dict[str, torch.Tensor]] = {}  # per (device, H, W)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
@@ -208,14 +222,20 @@ class BatchViews:
                 x = self._translated(images, u, flags, const)
             else:
                 x = self._cropped(images, u, const)
+            if self.policy is not None:  # (N, 3, S*S) in 0..255, as uint8 values
+                x = self.policy(x.view(n, 3, size, size)).view(n, 3, size * size)
             x = self._jittered(x, u, flags, const)  # (N, 3, S*S) in [0, 1]
             # grayscale and normalisation: one colour matrix per image
             matrix = torch.where(flags[..., 3].view(n, 1, 1), const["gray_normalise"],
                                  const["normalise"])  # (N, 3, 3)
+            offset = const["offset"]  # (3, 1)
+            if self.policy is not None:  # PCA lighting: eigvec @ (alpha * eigval) / std
+                alpha = torch.randn((n, 3), generator=generator, device=images.device)
+                offset = offset + (alpha @ const["lighting"]).unsqueeze(2)  # (N, 3, 1)
             if self.channels_last:  # (N, S*S, 3): the channels-last layout of (N, 3, S, S)
-                out = torch.baddbmm(const["offset"].view(3), x.transpose(1, 2), matrix.mT)
+                out = torch.baddbmm(offset.mT, x.transpose(1, 2), matrix.mT)
                 return out.view(copies, batch, size, size, 3).permute(0, 1, 4, 2, 3)
-            out = torch.baddbmm(const["offset"], matrix, x)
+            out = torch.baddbmm(offset, matrix, x)
             return out.view(copies, batch, 3, size, size)
 
     def _translated(self, images: torch.Tensor, u: torch.Tensor, flags: torch.Tensor,
@@ -285,13 +305,16 @@ class BatchViews:
                      "normalise": torch.eye(3) / std[:, None],
                      "gray_normalise": torch.tensor(LUMA).expand(3, 3) / std[:, None],
                      "offset": (-torch.tensor(self.mean) / std)[:, None],  # (3, 1)
+                     # alpha (N, 3) @ this -> each image's lighting shift, normalised
+                     "lighting": (LIGHTING_STD * torch.tensor(PCA_EIGVAL)[:, None]
+                                  * torch.tensor(PCA_EIGVEC).T / std),
                      **_colour_constants(1 / 255)}
             if self.image_size == 32:
                 const.update(shift_low=torch.tensor([-float(MAX_TRANSLATION)]),
                              shift_span=torch.tensor([2.0 * MAX_TRANSLATION + 1]),
                              pixels=torch.arange(32, dtype=torch.float32))
             else:
-                const.update(crop_constants(height, width))
+                const.update(crop_constants(height, width, self.crop_scale))
             const = {k: v.to(images.device, non_blocking=True) for k, v in const.items()}
             if self.image_size == 32 and (height, width) != (32, 32):
                 const["fit_rows"], const["fit_cols"] = centre_crop_weights(

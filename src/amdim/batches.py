@@ -95,6 +95,8 @@ def choose_data_path(cfg: PretrainConfig, train_set: Dataset, device: torch.devi
     CPU), else the loader."""
     if cfg.data_path != "auto":
         return cfg.data_path
+    if cfg.augment in ("randaugment", "trivialaugment"):  # torchvision's PIL policies
+        return "loader"
     size = stored_size(train_set)
     fits = size is not None and fits_in_memory(len(train_set), cfg.image_size, device,
                                                height=size[0], width=size[1])
@@ -112,7 +114,8 @@ def make_batches(cfg: PretrainConfig, path: str, train_set: Dataset, test_set: D
         except MemoryError:
             raise DataError(f"{cfg.data} does not fit in memory decoded; use --data-path "
                             "loader") from None
-        views = BatchViews(cfg.image_size, *stats, channels_last=cfg.channels_last)
+        views = BatchViews(cfg.image_size, *stats, channels_last=cfg.channels_last,
+                           augment=cfg.augment, seed=cfg.seed)
         train = TrainBatches(cache, views, cfg.batch_size, seed=cfg.seed, rank=rank,
                              world_size=world_size)
         test = None if test_cache is None else EvalBatches(

@@ -184,7 +184,7 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset | None, int]:
     """(pretraining set, test set or None, number of classes or 0) for a PretrainConfig."""
     name = cfg.data.lower()
     stats = normalisation(cfg.data)
-    views = TwoViews(cfg.image_size, *stats)
+    views = TwoViews(cfg.image_size, *stats, getattr(cfg, "augment", "paper"))
     test_transform = evaluation_transform(cfg.image_size, *stats)
     if name == "digits":
         train = ArrayImages(*digits("train"), transform=views)

@@ -6,6 +6,10 @@ datasets.py), and the deterministic evaluation transforms.
 ratio 0.7-1.4, bicubic) instead of the translation; at 128 px the hue jitter is 0.1. One
 horizontal flip is shared by both views. All randomness comes from torch's generator, so a
 seed (and DataLoader's per-worker seeding) makes runs repeatable.
+
+Other policies (`augment`, amdim.augment) keep these views and add to them after the crop:
+imagenet-faa the Fast AutoAugment ImageNet policy, crop scale 0.2-0.9 and PCA lighting 0.1
+(the authors' strongest ImageNet results); randaugment / trivialaugment torchvision's.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
+
+from .augment import AUGMENTS, FAA_CROP_SCALE, FastAutoAugment, Lighting
 
 BICUBIC = T.InterpolationMode.BICUBIC
 # the authors' settings; batch_views.py builds the same views on tensors from these
@@ -60,18 +66,32 @@ def _to_tensor(mean: tuple, std: tuple) -> T.Compose:
     return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
 
 
-def augmentation(image_size: int, mean: tuple, std: tuple) -> T.Compose:
-    """The per-view random augmentation (after the shared flip): PIL RGB -> (3, S, S) float."""
+def crop_scale(augment: str = "paper") -> tuple[float, float]:
+    """The random resized crop's area range of a policy: 0.3-1 (paper), 0.2-0.9 (imagenet-faa)."""
+    return FAA_CROP_SCALE if augment == "imagenet-faa" else CROP_SCALE
+
+
+def augmentation(image_size: int, mean: tuple, std: tuple, augment: str = "paper"
+                 ) -> T.Compose:
+    """The per-view random augmentation (after the shared flip): PIL RGB -> (3, S, S) float.
+    augment: paper (the authors' views), or one of amdim.augment.AUGMENTS added after the crop."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
     if image_size == 32:
         geometric = [Fit(32), T.RandomApply([RandomTranslateWithReflect(MAX_TRANSLATION)], p=0.8)]
     else:
-        geometric = [T.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO,
+        geometric = [T.RandomResizedCrop(image_size, scale=crop_scale(augment), ratio=CROP_RATIO,
                                          interpolation=BICUBIC)]
-    return T.Compose(geometric + [
-        T.RandomApply([T.ColorJitter(JITTER, JITTER, JITTER, hue_jitter(image_size))], p=0.8),
-        T.RandomGrayscale(p=0.25),
-        _to_tensor(mean, std),
-    ])
+    policy = {"paper": [], "imagenet-faa": [FastAutoAugment()],
+              "randaugment": [T.RandAugment()], "trivialaugment": [T.TrivialAugmentWide()]}
+    colour = [T.RandomApply([T.ColorJitter(JITTER, JITTER, JITTER, hue_jitter(image_size))],
+                            p=0.8),
+              T.RandomGrayscale(p=0.25)]
+    if augment == "imagenet-faa":  # lighting on [0, 1] values, before the normalisation
+        tensor = [T.ToTensor(), Lighting(), T.Normalize(mean, std)]
+    else:
+        tensor = [_to_tensor(mean, std)]
+    return T.Compose(geometric + policy[augment] + colour + tensor)
 
 
 def evaluation_transform(image_size: int, mean: tuple, std: tuple) -> T.Compose:
@@ -87,9 +107,9 @@ def evaluation_transform(image_size: int, mean: tuple, std: tuple) -> T.Compose:
 class TwoViews:
     """PIL image -> (view1, view2): one shared horizontal flip, then two independent draws."""
 
-    def __init__(self, image_size: int, mean: tuple, std: tuple):
+    def __init__(self, image_size: int, mean: tuple, std: tuple, augment: str = "paper"):
         self.flip = T.RandomHorizontalFlip(p=0.5)
-        self.augment = augmentation(image_size, mean, std)
+        self.augment = augmentation(image_size, mean, std, augment)
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.flip(image.convert("RGB"))
