@@ -1,4 +1,5 @@
 import argparse
+import copy
 import json
 
 import numpy as np
@@ -361,3 +362,86 @@ def test_evaluate_refuses_bad_settings(tmp_path, flags, message):
     path = our_checkpoint(tmp_path / "checkpoint.pt")
     with pytest.raises(SystemExit, match=message):
         run_cli("evaluate", path, "--mode", "features", *flags)
+
+
+# --- the authors' protocol and transfer evaluation (issue 15) ------------------------------
+
+@pytest.mark.parametrize("data_path", ["loader", "device"])
+def test_authors_protocol_differs_from_the_standard_one_only_by_the_batch_norm_refresh(
+        tiny_digits, monkeypatch, data_path):
+    train, test, _ = tiny_digits  # 60 test images: batches of 20 score all of them
+    cfg = dict(mode="features", epochs=2, lr_milestones=(1,), batch_size=20, workers=0,
+               device="cpu", knn_k=20, data_path=data_path)
+    encoder = bn_encoder()
+    standard = evaluate.evaluate(copy.deepcopy(encoder), train, test, 10,
+                                 EvaluationConfig(**cfg), stats=STATS["digits"])
+    # with the refresh made a no-op, the authors' protocol gives the standard numbers
+    refreshed, refresh = [], evaluate.refresh_batch_norm
+
+    def no_refresh(encoder, probes, batches, precision="fp32", max_batches=50):
+        refreshed.append([labels for _, labels in batches])
+        return refresh(encoder, probes, [], precision)  # a copy in eval mode, unchanged
+
+    monkeypatch.setattr(evaluate, "refresh_batch_norm", no_refresh)
+    authors_cfg = EvaluationConfig(protocol="authors", **cfg)
+    without = evaluate.evaluate(copy.deepcopy(encoder), train, test, 10, authors_cfg,
+                                stats=STATS["digits"])
+    assert without.pop("n_test_scored") == 60 and without == standard
+    # the refresh reads shuffled full batches of the test set
+    (batches,) = refreshed
+    assert [len(b) for b in batches] == [20, 20, 20]
+    assert sorted(torch.cat(batches).tolist()) == sorted(test.labels.tolist())
+    monkeypatch.undo()
+    before = snapshot(encoder)
+    authors = evaluate.evaluate(encoder, train, test, 10, authors_cfg, stats=STATS["digits"])
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in before.items())
+    assert authors["n_test_scored"] == 60 and authors != {**standard, "n_test_scored": 60}
+
+
+def test_refresh_moves_a_copys_batch_norm_statistics_to_the_test_images():
+    encoder, probes = bn_encoder(), Probes(64, 10)
+    before = snapshot(encoder)
+    images = torch.randn(8, 3, 32, 32) * 3 + 2  # far from the statistics bn_encoder saw
+    scorer = evaluate.refresh_batch_norm(encoder, probes, [(images, None)] * 60)
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in before.items())
+    bn = scorer.layer_list[-1].bn
+    assert not scorer.training and not probes.training
+    assert not torch.equal(bn.running_mean, encoder.layer_list[-1].bn.running_mean)
+    assert int(bn.num_batches_tracked) == int(encoder.layer_list[-1].bn.num_batches_tracked) + 50
+
+
+def test_authors_protocol_drops_the_last_partial_batch(tiny_digits):
+    train, test, _ = tiny_digits
+    cfg = EvaluationConfig(mode="features", epochs=1, lr_milestones=(), batch_size=25,
+                           workers=0, device="cpu", knn_k=20, protocol="authors")
+    results = evaluate.evaluate(bn_encoder(), train, test, 10, cfg)
+    assert results["n_test_scored"] == 50  # 2 full batches of 25 of the 60 test images
+    with pytest.raises(EvaluationError, match="fewer than --batch-size"):
+        evaluate.evaluate(bn_encoder(), train, test, 10, replace_cfg(cfg, batch_size=64))
+    with pytest.raises(ValueError, match="protocol must be"):
+        EvaluationConfig(protocol="transductive")
+
+
+def replace_cfg(cfg, **changes):
+    import dataclasses
+    return dataclasses.replace(cfg, **changes)
+
+
+def test_evaluate_on_other_data_is_reported_as_a_transfer(tmp_path):
+    folder = image_folder(tmp_path / "images")
+    path = our_checkpoint(tmp_path / "checkpoint.pt", data="digits", n_classes=10)
+    out = tmp_path / "places.json"
+    run_cli("evaluate", path, "--data", folder, "--schedule", "places205", "--mode", "features",
+            "--epochs", "2", "--workers", "0", "--batch-size", "4", "--device", "cpu",
+            "--protocol", "authors", "--out", out)
+    report = json.loads(out.read_text())
+    assert report["transfer"] is True and report["encoder_data"] == "digits"
+    assert report["data"] == str(folder) and report["n_classes"] == 2  # the new label set
+    assert report["schedule"] == "places205" and report["protocol"] == "authors"
+    assert report["n_test_scored"] == 4  # 6 test images, batches of 4, drop_last
+    own = tmp_path / "own.json"
+    run_cli("evaluate", path, "--mode", "features", "--epochs", "1", "--device", "cpu",
+            "--data-path", "device", "--out", own)
+    report = json.loads(own.read_text())
+    assert report["transfer"] is False and report["protocol"] == "standard"
+    assert "n_test_scored" not in report

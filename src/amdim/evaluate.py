@@ -4,8 +4,14 @@ The linear and MLP classifiers are the authors' (amdim.classifiers.Probes, clipp
 Adam settings), retrained from scratch. Mode "full" trains them on augmented training images
 as the authors do; mode "features" extracts deterministic features once and trains on those.
 The kNN classifier is InstDisc/DINO's: cosine similarity, k nearest, votes exp(sim / T).
-The test set is read whole and in order with the encoder in eval mode, and, as in MoCo's
-linear evaluation, the run fails if any encoder weight or batch-norm statistic changed.
+Protocol "standard" (the default): the test set is read whole and in order with the encoder in
+eval mode, and, as in MoCo's linear evaluation, the run fails if any encoder weight or
+batch-norm statistic changed. Protocol "authors", for exact comparison with the authors'
+numbers (amdim-public utils.py test_model): the batch-norm statistics of a copy of the encoder
+and of the MLP probe are re-estimated in train mode on up to 50 shuffled test batches, then the
+test set is scored shuffled with drop_last (the last partial batch's images are not scored).
+The JSON records the protocol, and with --data other than the encoder's training data, that
+the result is a transfer and what the encoder was trained on.
 
 On a GPU the frozen encoder runs channels-last under bf16 autocast without gradients; a set
 held in memory (digits, CIFAR, STL-10, .npz) that fits is decoded onto the GPU once and
@@ -44,6 +50,8 @@ SCHEDULES = {"cifar": (120, (80, 110)),  # CIFAR-10/100, STL-10 (and digits)
              "imagenet": (30, (15, 25)),  # ImageNet and other image folders
              "places205": (15, (7, 12))}
 LR_GAMMA = 0.2
+PROTOCOLS = ("standard", "authors")
+AUTHORS_REFRESH_BATCHES = 50  # test batches of the authors' batch-norm refresh (utils.py)
 
 
 class EvaluationError(RuntimeError):
@@ -68,10 +76,13 @@ class EvaluationConfig:
     knn_k: int = 200  # neighbours (InstDisc, DINO)
     knn_temperature: float = 0.07  # a neighbour's vote is exp(cosine similarity / T)
     seed: int = 0  # classifier init and shuffling
+    protocol: str = "standard"  # standard: eval mode, whole test set; authors: see the docstring
 
     def __post_init__(self) -> None:
         if self.mode not in ("full", "features"):
             raise ValueError(f"mode must be 'full' or 'features', got {self.mode!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.batch_size < 2 or self.knn_k < 1 or (self.epochs is not None and self.epochs < 1):
             raise ValueError("batch_size must be >= 2, knn_k and epochs >= 1")
         if self.schedule is not None and self.schedule not in SCHEDULES:
@@ -151,6 +162,23 @@ def _scores(name: str, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, 
             f"{name}_top5": topk_correct(scores, labels, 5) / n}
 
 
+@torch.no_grad()
+def refresh_batch_norm(encoder: Encoder, probes: Probes, batches, precision: str = "fp32",
+                       max_batches: int = AUTHORS_REFRESH_BATCHES) -> Encoder:
+    """The authors' test-time refresh (amdim-public utils.py _warmup_batchnorm): a copy of the
+    encoder, and the probes in place, run in train mode on up to max_batches batches of
+    (images, labels), so that their batch-norm running statistics move to those images.
+    Returns the copy; both are left in eval mode. `encoder` itself is not changed."""
+    scorer = copy.deepcopy(encoder).train()
+    probes.train()
+    for i, (images, _) in enumerate(batches):
+        if i == max_batches:
+            break
+        probes(encode_batch(scorer, images, precision).r1.flatten(1).float())
+    probes.eval()
+    return scorer.eval()
+
+
 def train_probes(probes: Probes, batches, cfg: EvaluationConfig) -> None:
     """cfg.epochs of Adam (the authors' settings) on the probes only, lr x LR_GAMMA from the
     epoch after each of cfg.lr_milestones (config.milestone_factor, as in pretraining).
@@ -171,24 +199,35 @@ def train_probes(probes: Probes, batches, cfg: EvaluationConfig) -> None:
 
 def _batches(cfg: EvaluationConfig, image_size: int, train_set: Dataset, test_set: Dataset,
              augmented_train_set: Dataset | None, stats: tuple | None):
-    """(train, test, augmented) on cfg.data_path: batches (normalised images, labels) of both
-    sets in order, and (mode "full") an iterable that gives one epoch of shuffled augmented
-    training batches each time it is iterated."""
+    """(train, test, augmented, refresh) on cfg.data_path: batches (normalised images,
+    labels) of both sets in order, (mode "full") an iterable that gives one epoch of shuffled
+    augmented training batches each time it is iterated, and (protocol "authors") shuffled
+    full batches of the test set for the batch-norm refresh."""
     device = torch.device(cfg.device)
+    authors = cfg.protocol == "authors"
+    if authors and len(test_set) < cfg.batch_size:
+        raise EvaluationError(f"the authors' protocol scores full test batches; the test set "
+                              f"has {len(test_set)} images, fewer than --batch-size "
+                              f"{cfg.batch_size}")
     if cfg.data_path == "device":  # uint8 images on the device, transformed there in batches
         train_cache, test_cache = cache_dataset(train_set, device), cache_dataset(test_set, device)
         plain = BatchEvaluation(image_size, *stats)
         augmented = None if cfg.mode == "features" else TrainBatches(
             train_cache, FlippedView(BatchViews(image_size, *stats)), cfg.batch_size, cfg.seed)
+        refresh = TrainBatches(test_cache, lambda images, _: plain(images), cfg.batch_size,
+                               cfg.seed) if authors else None
         return (EvalBatches(train_cache, plain, cfg.batch_size),
-                EvalBatches(test_cache, plain, cfg.batch_size), augmented)
+                EvalBatches(test_cache, plain, cfg.batch_size), augmented, refresh)
     # drop a last partial batch: the MLP's batch norm cannot train on a single row
     augmented = None if cfg.mode == "features" else DataLoader(
         augmented_train_set, batch_size=cfg.batch_size, shuffle=True,
         drop_last=len(train_set) > cfg.batch_size, num_workers=cfg.workers,
         pin_memory=device.type == "cuda")
+    refresh = DataLoader(test_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                         num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                         generator=torch.Generator().manual_seed(cfg.seed)) if authors else None
     return (in_order(train_set, device, cfg.batch_size, cfg.workers),
-            in_order(test_set, device, cfg.batch_size, cfg.workers), augmented)
+            in_order(test_set, device, cfg.batch_size, cfg.workers), augmented, refresh)
 
 
 def evaluate(encoder: Encoder, train_set: Dataset, test_set: Dataset, n_classes: int,
@@ -208,7 +247,7 @@ def evaluate(encoder: Encoder, train_set: Dataset, test_set: Dataset, n_classes:
     device = torch.device(cfg.device)
     frozen(encoder, device)
     before = {name: value.detach().cpu().clone() for name, value in encoder.state_dict().items()}
-    train_batches, test_batches, augmented = _batches(
+    train_batches, test_batches, augmented, refresh = _batches(
         cfg, encoder.cfg.image_size, train_set, test_set, augmented_train_set, stats)
     progress = dict(desc="features", unit="batch", leave=False, mininterval=1.0)
     train = encode(encoder, tqdm(train_batches, **progress), cfg.precision)
@@ -236,11 +275,21 @@ def evaluate(encoder: Encoder, train_set: Dataset, test_set: Dataset, n_classes:
     torch.manual_seed(cfg.seed)
     probes = Probes(encoder.cfg.n_rkhs, n_classes).to(device)
     train_probes(probes, augmented_batches if cfg.mode == "full" else cached_batches, cfg)
+    scored = {}
+    if cfg.protocol == "authors":  # the only difference: the refresh and what is scored
+        scorer = refresh_batch_norm(encoder, probes, refresh, cfg.precision)
+        test = encode(scorer, tqdm(test_batches, **progress), cfg.precision)
+        # a shuffled drop_last loader scores a random subset of whole batches (eval mode:
+        # each image's features do not depend on its batch)
+        keep = torch.randperm(len(test["labels"]), generator=torch.Generator().manual_seed(
+            cfg.seed))[:len(test["labels"]) // cfg.batch_size * cfg.batch_size].to(device)
+        x_test, y_test = test["features"][keep], test["labels"][keep]
+        scored = {"n_test_scored": len(keep)}
     with torch.no_grad():
         logits_mlp, logits_linear = probes(x_test)
     results = {**_scores("linear", logits_linear, y_test), **_scores("mlp", logits_mlp, y_test),
                **_scores("knn", knn_scores(x_train, y_train, x_test, n_classes, cfg.knn_k,
-                                           cfg.knn_temperature), y_test)}
+                                           cfg.knn_temperature), y_test), **scored}
     check_unchanged(encoder, before)
     return results
 
@@ -249,10 +298,14 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_root: str | Non
                         cfg: EvaluationConfig = EvaluationConfig(), out: str | None = None,
                         download: bool = False) -> dict:
     """Evaluate a checkpoint (ours or the authors') on labelled data (default: the data it was
-    trained on); writes the results as JSON to `out` (default CHECKPOINT.eval-MODE.json)."""
+    trained on; other data is a transfer evaluation, e.g. Places205 with --schedule places205:
+    new classifiers for its label set on the frozen encoder); writes the results as JSON to
+    `out` (default CHECKPOINT.eval-MODE.json)."""
     start = time.perf_counter()
     encoder, _, state = checkpoint.load_model(path)
+    encoder_data = (state.get("config") or {}).get("data")  # None: the authors' format
     data, data_root = checkpoint_data(state, data, data_root)
+    transfer = None if encoder_data is None else not _same_data(data, encoder_data)
     size, stats = encoder.cfg.image_size, normalisation(data)
     plain = evaluation_transform(size, *stats)
     train_set = labelled_split(data, "train", plain, data_root, download)
@@ -264,13 +317,16 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_root: str | Non
         # one view of the pretraining augmentation, after a random flip
         augmented = labelled_split(data, "train", T.Compose(
             [T.RandomHorizontalFlip(), augmentation(size, *stats)]), data_root)
-    log.info("evaluating %s on %s: %d train / %d test images, %d classes, %s mode, %s schedule "
-             "(%d epochs), %s, %s, %s data path", path, data, len(train_set), len(test_set),
-             len(classes), cfg.mode, cfg.schedule, cfg.epochs, cfg.device, cfg.precision,
-             cfg.data_path)
+    log.info("evaluating %s on %s%s: %d train / %d test images, %d classes, %s mode, %s "
+             "schedule (%d epochs), %s protocol, %s, %s, %s data path", path, data,
+             f" (transfer from {encoder_data})" if transfer else "", len(train_set),
+             len(test_set), len(classes), cfg.mode, cfg.schedule, cfg.epochs, cfg.protocol,
+             cfg.device, cfg.precision, cfg.data_path)
     results = evaluate(encoder, train_set, test_set, len(classes), cfg, augmented, stats)
-    report = {"checkpoint": str(path), "data": data, "n_train": len(train_set),
-              "n_test": len(test_set), "n_classes": len(classes), **asdict(cfg), **results,
+    # transfer: null where the checkpoint does not record its training data (the authors')
+    report = {"checkpoint": str(path), "data": data, "encoder_data": encoder_data,
+              "transfer": transfer, "n_train": len(train_set), "n_test": len(test_set),
+              "n_classes": len(classes), **asdict(cfg), **results,
               "seconds": round(time.perf_counter() - start, 1)}
     out = Path(out) if out else Path(path).with_suffix(f".eval-{cfg.mode}.json")
     try:
@@ -282,6 +338,14 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_root: str | Non
                               "they are printed above. Pass --out elsewhere") from None
     report["out"] = str(out)
     return report
+
+
+def _same_data(data: str, other: str) -> bool:
+    """Whether two --data values name the same data (a dataset name, or the same path)."""
+    if data.lower() == other.lower():
+        return True
+    return Path(data).exists() and Path(other).exists() and Path(data).resolve() == Path(
+        other).resolve()
 
 
 def linear_probe_accuracy(encoder: Encoder, train_set: Dataset, test_set: Dataset,
@@ -324,7 +388,9 @@ def compare_with_random_init(encoder: Encoder, seed: int, train_set: Dataset, te
 
 def table(report: dict) -> str:
     """The results as a small text table, accuracies in percent."""
+    transfer = f", transfer from {report['encoder_data']}" if report.get("transfer") else ""
     rows = [f"{report['checkpoint']} on {report['data']} ({report['mode']} mode, "
+            f"{report.get('protocol', 'standard')} protocol{transfer}, "
             f"{report['n_train']} train / {report['n_test']} test images)",
             f"{'classifier':<12}{'top-1':>8}{'top-5':>8}"]
     for name, label in (("linear", "linear"), ("mlp", "MLP"), ("knn", f"kNN k={report['knn_k']}")):
@@ -341,7 +407,9 @@ def register(subparsers) -> None:
         "JSON beside the checkpoint. Reads our checkpoints and the authors'.")
     parser.add_argument("checkpoint", help="checkpoint file (ours or the authors')")
     parser.add_argument("--data", help="digits, cifar10, cifar100, stl10, or a folder with "
-                        "train/<class>/ and val/<class>/ (default: the checkpoint's data)")
+                        "train/<class>/ and val/<class>/ (default: the checkpoint's data; other "
+                        "data is evaluated as a transfer, e.g. Places205 with --schedule "
+                        "places205, and the JSON names the encoder's own training data)")
     parser.add_argument("--data-root", help="where torchvision datasets are (default: the checkpoint's)")
     parser.add_argument("--download", action="store_true", help="let torchvision download")
     parser.add_argument("--mode", default="full", choices=("full", "features"),
@@ -367,6 +435,11 @@ def register(subparsers) -> None:
     parser.add_argument("--knn-k", type=int, default=200)
     parser.add_argument("--knn-temperature", type=float, default=0.07)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--protocol", default="standard", choices=PROTOCOLS,
+                        help="standard: the encoder in eval mode on the whole test set, in "
+                        "order; authors: as amdim-public scores, for exact comparison with "
+                        "their numbers: batch-norm statistics re-estimated on up to 50 shuffled "
+                        "test batches in train mode, then shuffled drop_last scoring")
     parser.add_argument("--out", help="results JSON (default: CHECKPOINT.eval-MODE.json)")
     parser.set_defaults(func=_run)
 
@@ -378,7 +451,7 @@ def _run(args) -> None:
             lr_milestones=None if args.lr_milestones is None else tuple(args.lr_milestones),
             batch_size=args.batch_size, workers=args.workers, device=args.device,
             precision=args.precision, data_path=args.data_path, knn_k=args.knn_k,
-            knn_temperature=args.knn_temperature, seed=args.seed)
+            knn_temperature=args.knn_temperature, seed=args.seed, protocol=args.protocol)
         report = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, cfg, args.out,
                                      args.download)
     except (ValueError, DataError, EvaluationError, checkpoint.CheckpointError) as error:
