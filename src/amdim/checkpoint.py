@@ -12,6 +12,8 @@ Every file we write also holds digest: the SHA-256 of its tensors (see `digest`)
 load, so that flipped bytes are found rather than trained on; files without one (the
 authors', older ones) load as before.
 An encoder-only file (`amdim export`): format "amdim-encoder/1", config, encoder, digest.
+Runs of --views lab or paired also hold views: {"names", "channels", "shared"}, and their
+encoder state is that of one encoder per view (keys <view>.*) unless shared.
 The authors' format (amdim-public): model (encoder.module.*, evaluator.*), hyperparams, cursor.
 """
 from __future__ import annotations
@@ -108,9 +110,12 @@ def _strip(state_dict: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def load_model(path: str | os.PathLike) -> tuple[Encoder, Probes | None, dict]:
+def load_model(path: str | os.PathLike, view: str | None = None
+               ) -> tuple[Encoder, Probes | None, dict]:
     """Encoder (eval mode), online probes (None without labels) and the checkpoint dict, from
-    either format."""
+    either format. view: for a checkpoint of --views lab or paired, the view whose encoder
+    and probes to return, or "all" (multiview.ViewsEncoder: every view's global feature,
+    concatenated); None where it holds one encoder."""
     state = load(path)
     try:
         if is_authors(state):
@@ -133,6 +138,12 @@ def load_model(path: str | os.PathLike) -> tuple[Encoder, Probes | None, dict]:
     except (KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path} has an incomplete or invalid configuration: "
                               f"{type(error).__name__}: {error}") from None
+    layout = None if is_authors(state) else state.get("views")
+    if layout is not None:
+        return (*_view_model(path, state, layout, view), state)
+    if view is not None:
+        raise CheckpointError(f"{path} holds one encoder of two augmented views of each image "
+                              f"(--views augment), no view {view!r}: load it without a view")
     encoder = build_encoder(cfg)  # the paper's encoder or the backbone the config names
     probes = Probes(cfg.n_rkhs, n_classes) if n_classes else None
     try:
@@ -144,15 +155,54 @@ def load_model(path: str | os.PathLike) -> tuple[Encoder, Probes | None, dict]:
     return encoder.eval(), (probes.eval() if probes is not None else None), state
 
 
-def load_encoder(path: str | os.PathLike) -> Encoder:
-    """A trained encoder in eval mode, from our checkpoint or the authors', in one line."""
-    return load_model(path)[0]
+def load_encoder(path: str | os.PathLike, view: str | None = None) -> Encoder:
+    """A trained encoder in eval mode, from our checkpoint or the authors', in one line.
+    view: for a checkpoint of --views lab or paired, which view's encoder, or "all"."""
+    return load_model(path, view)[0]
+
+
+def _view_model(path, state: dict, layout: dict, view: str | None):
+    """(encoder, probes) of a multiview checkpoint for `view` (see load_model)."""
+    from .multiview import ALL, MultiViewAMDIM, ViewsEncoder
+
+    names = layout["names"]
+    if view is None and not layout["shared"]:
+        raise CheckpointError(f"{path} holds one encoder per view ({', '.join(names)}): pass "
+                              "view=NAME (amdim extract --view NAME), or view='all' for every "
+                              "view's features together")
+    if view not in (None, ALL, *names):
+        raise CheckpointError(f"{path} has no view {view!r}; its views are "
+                              f"{', '.join(names)} (or {ALL})")
+    try:
+        model = MultiViewAMDIM(PretrainConfig.from_dict(state["config"]),
+                               state.get("n_classes", 0), layout)
+        model.encoder.load_state_dict(state["encoder"])
+        if model.probes is not None:
+            model.probes.load_state_dict(state["probes"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"{path} does not match the views it describes: "
+                              f"{type(error).__name__}: {error}") from None
+    model.eval()
+    name = view or names[0]
+    probes = model.probes[name] if model.probes is not None else None
+    if view == ALL:
+        return ViewsEncoder(model).eval(), probes
+    return model.encoder_of(name), probes
 
 
 def export_encoder(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write the encoder of a checkpoint (ours or the authors') alone, with its config and
     digest, to `out`: the file to share (no optimiser state, probes or random streams);
     load_encoder reads it."""
+    state = load(path)
+    if not is_authors(state) and state.get("views") is not None:  # every view's encoder
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _view_model(path, state, state["views"], "all")  # refuses a mismatched file
+        save_atomic({"format": ENCODER_FORMAT, "config": state["config"],
+                     "encoder": state["encoder"], "views": state["views"],
+                     "data_fingerprint": state.get("data_fingerprint")}, out)
+        return out
     encoder, _, state = load_model(path)
     if is_authors(state):
         # the architecture only: their data is not recorded (--data says it later)

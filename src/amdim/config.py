@@ -42,6 +42,12 @@ class PretrainConfig:
     tclip: float = _field(20.0, "NCE scores are soft-clipped to (-tclip, tclip)")
     n_mixtures: int = _field(1, "mixture components per global feature (paper 3.7); 1: plain AMDIM")
     mixture_entropy: float = _field(1.0, "alpha: weight of the entropy bonus of the mixture posterior")
+    # views (amdim.multiview): where the two (or more) views of a context come from
+    views: str = _field("augment", "augment: two augmented copies of each image, one shared encoder (the paper's CIFAR/ImageNet setting); lab: the L and ab channels of CIE Lab of each RGB image, one encoder each; paired: the data's own views (--data a folder <root>/<view>/<file> or an .npz of view_<name> arrays)",
+                        choices=("augment", "lab", "paired"))
+    view_encoders: str = _field("auto", "with --views lab or paired: shared: one encoder for every view (views of the same shape and kind, e.g. two cameras); separate: one encoder per view; auto: shared when every view has the same channel count, else separate (lab: always separate)",
+                                choices=("auto", "shared", "separate"))
+    view_augment: bool = _field(False, "with --views lab or paired: also a light augmentation of each view on its own (random resized crop, scale 0.5-1, and flip), on top of the data's views")
     # optimisation (the authors' Adam settings)
     batch_size: int = _field(200, "images per step (each gives two views); the negatives per image are the other B-1")
     epochs: int = _field(300, "passes over the training set")
@@ -88,6 +94,13 @@ class PretrainConfig:
         if self.augment in ("randaugment", "trivialaugment") and self.data_path == "device":
             raise ValueError(f"--augment {self.augment} runs torchvision's PIL policy in the "
                              "DataLoader workers: use --data-path loader (or auto)")
+        if self.views != "augment" and self.data_path == "device":
+            raise ValueError(f"--views {self.views} builds its views in DataLoader workers: use "
+                             "--data-path loader (or auto)")
+        if self.views == "augment" and (self.view_encoders != "auto" or self.view_augment):
+            raise ValueError("--view-encoders and --view-augment apply to --views lab or "
+                             "paired; --views augment uses one shared encoder and its own "
+                             "augmentation")
         # (field, value, accepted range) of settings that would train silently wrong
         for name, bad, accepted in (
                 ("lr", self.lr <= 0, "> 0"), ("lr_gamma", self.lr_gamma <= 0, "> 0 (e.g. 0.2)"),

@@ -37,18 +37,24 @@ class EncoderConfig:
     # standard backbone under the paper's heads (amdim.backbones), for which ndf and n_depth
     # do not apply
     backbone: str = "amdim"
+    # channels of the input images: 3 (RGB) for the paper; 1 or 2 for a view such as the L or
+    # ab channels of CIE Lab, any count for a view from the data (amdim.multiview)
+    in_channels: int = 3
 
     def __post_init__(self) -> None:
         if self.backbone != "amdim":
             from .backbones import check_backbone  # here: backbones imports this module
 
             check_backbone(self.backbone)
+            if self.in_channels != 3:
+                raise ValueError(f"backbone {self.backbone!r} takes RGB images; a view with "
+                                 f"{self.in_channels} channels needs --backbone amdim")
         if self.image_size not in IMAGE_SIZES:
             raise ValueError(
                 f"image_size {self.image_size} has no AMDIM encoder; use one of {IMAGE_SIZES} "
                 "(resize or crop your images to one of these sizes)"
             )
-        for name in ("ndf", "n_rkhs", "n_depth"):
+        for name in ("ndf", "n_rkhs", "n_depth", "in_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.backbone == "amdim" and self.n_rkhs < self.trunk_width:
@@ -171,19 +177,19 @@ class FakeRKHSConvNet(nn.Module):
 
 def _trunk(cfg: EncoderConfig) -> tuple[list[nn.Module], int, int]:
     """The authors' layer list for cfg.image_size, and the indices of its 7x7 and 5x5 outputs."""
-    ndf, depth, bn = cfg.ndf, cfg.n_depth, cfg.use_bn
+    ndf, depth, bn, colours = cfg.ndf, cfg.n_depth, cfg.use_bn, cfg.in_channels
     if cfg.image_size == 32:
         # 32 -> 30 -> 30 -> 14 -> 7 -> 7 -> 5 -> 3 -> 1
-        stem = [Conv3x3(3, ndf, 3, 1, 0), ConvResNxN(ndf, ndf, 1, 1, 0, bn)]
+        stem = [Conv3x3(colours, ndf, 3, 1, 0), ConvResNxN(ndf, ndf, 1, 1, 0, bn)]
         down = [ConvResBlock(ndf, ndf * 2, 4, 2, 0, depth, bn),
                 ConvResBlock(ndf * 2, ndf * 4, 2, 2, 0, depth, bn)]
     else:
         # 64 -> 62 -> 30 -> 14 -> 7 -> 7 -> 5 -> 3 -> 1 (128 px: a 5x5/2 reflect-padded stem
         # first takes 128 -> 64)
         if cfg.image_size == 64:
-            stem = [Conv3x3(3, ndf, 3, 1, 0)]
+            stem = [Conv3x3(colours, ndf, 3, 1, 0)]
         else:
-            stem = [Conv3x3(3, ndf, 5, 2, 2, "reflect"), Conv3x3(ndf, ndf, 3, 1, 0)]
+            stem = [Conv3x3(colours, ndf, 5, 2, 2, "reflect"), Conv3x3(ndf, ndf, 3, 1, 0)]
         down = [ConvResBlock(ndf, ndf * 2, 4, 2, 0, depth, bn),
                 ConvResBlock(ndf * 2, ndf * 4, 4, 2, 0, depth, bn),
                 ConvResBlock(ndf * 4, ndf * 8, 2, 2, 0, depth, bn)]
@@ -221,10 +227,10 @@ class Encoder(nn.Module):
                 module.init_weights(init_scale)
 
     def forward(self, x: torch.Tensor) -> Features:
-        size = self.cfg.image_size
-        if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != size or x.shape[3] != size:
+        size, colours = self.cfg.image_size, self.cfg.in_channels
+        if x.dim() != 4 or x.shape[1] != colours or x.shape[2] != size or x.shape[3] != size:
             raise ValueError(
-                f"this encoder takes images of shape (B, 3, {size}, {size}), got "
+                f"this encoder takes images of shape (B, {colours}, {size}, {size}), got "
                 f"{tuple(x.shape)}; resize or crop inputs to {size} px, or build an encoder "
                 f"with image_size matching your images"
             )

@@ -171,15 +171,21 @@ def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def extract(path: str, data: str | None = None, split: str = "test", out: str | None = None,
             maps: bool = False, data_root: str | None = None, device: str = "auto",
-            batch_size: int = 256, workers: int = 0) -> Path:
-    """Features of a checkpoint's encoder on a dataset split, saved to `out` (.npz or .pt)."""
+            batch_size: int = 256, workers: int = 0, view: str | None = None) -> Path:
+    """Features of a checkpoint's encoder on a dataset split, saved to `out` (.npz or .pt).
+    view: for a checkpoint of --views lab or paired, the view whose encoder to run, or "all"
+    (every view's global feature, concatenated)."""
     out = Path(out) if out else Path(path).with_suffix(f".{split}-features.npz")
     if out.suffix not in (".npz", ".pt"):
         raise ValueError(f"--out {out}: the file name must end in .npz or .pt")
-    encoder, _, state = checkpoint.load_model(path)
+    encoder, _, state = checkpoint.load_model(path, view)
     data, data_root = checkpoint_data(state, data, data_root)
     target = resolve_device(device)
     frozen(encoder, target)
+    if state.get("views") is not None:
+        arrays = _view_features(encoder, state, view, data, data_root, split, target,
+                                batch_size, workers, maps)
+        return _save(arrays, out)
     transform = evaluation_transform(encoder.cfg.image_size,
                                      *normalisation(data))
     root = Path(data) if Path(data).is_dir() else None
@@ -194,6 +200,47 @@ def extract(path: str, data: str | None = None, split: str = "test", out: str | 
     arrays = extract_features(encoder, dataset, target, batch_size, workers, maps)
     arrays["names"] = sample_names(dataset, root)
     arrays["classes"] = classes
+    return _save(arrays, out)
+
+
+def _view_features(encoder, state: dict, view: str | None, data: str, data_root: str,
+                   split: str, device: torch.device, batch_size: int, workers: int,
+                   maps: bool) -> dict:
+    """extract's arrays for one view of a --views lab / paired checkpoint, or all views."""
+    from dataclasses import replace
+
+    from .config import PretrainConfig
+    from .multiview import ALL
+    from .paired import ViewSet, view_source
+
+    cfg = replace(PretrainConfig.from_dict(state["config"]), data=data, data_root=data_root)
+    source = view_source(cfg, split)
+    if source is None:
+        raise DataError(f"{data} has no {split} split of its views")
+    names = state["views"]["names"]
+    dataset = ViewSet(source, cfg.image_size, cfg.views, train=False)
+    loader = tqdm(in_order(dataset, device, batch_size, workers), desc="features",
+                  unit="batch", leave=False, mininterval=1.0)
+    if view == ALL:
+        if maps:
+            raise ValueError("--maps needs one view (--view NAME), not all")
+        parts, labels = [], []
+        with torch.no_grad():
+            for views, label in loader:
+                parts.append(encoder.global_features([v.to(device) for v in views]).float().cpu())
+                labels.append(label)
+        arrays = {"features": torch.cat(parts), "labels": torch.cat(labels)}
+    else:
+        index = names.index(view or names[0])
+        arrays = encode(encoder, ((views[index], label) for views, label in loader), maps=maps,
+                        out="cpu")
+    # paired folders: each context's path relative to its view folders; else its index
+    arrays["names"] = list(getattr(source, "paths", None) or map(str, range(len(dataset))))
+    arrays["classes"] = list(getattr(source, "classes", []))
+    return arrays
+
+
+def _save(arrays: dict, out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_features(arrays, out)
@@ -222,12 +269,16 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:1")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2, help="data-loader processes")
+    parser.add_argument("--view", help="a checkpoint of --views lab or paired: the view whose "
+                        "encoder to run (e.g. L, ab, or a folder view's name), or all (every "
+                        "view's global feature, concatenated; required where each view has "
+                        "its own encoder)")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> None:
     try:
         extract(args.checkpoint, args.data, args.split, args.out, args.maps, args.data_root,
-                args.device, args.batch_size, args.workers)
+                args.device, args.batch_size, args.workers, args.view)
     except (ValueError, DataError, checkpoint.CheckpointError) as error:
         raise SystemExit(f"amdim extract: {error}") from None

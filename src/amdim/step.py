@@ -8,7 +8,7 @@ device (`EpochSums`) until the caller reads them at a log point.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -59,20 +59,23 @@ class TrainingStep:
                            if cfg.skip_nonfinite else [])
 
     def forward_backward(self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor,
-                         model: Callable | None = None) -> dict[str, torch.Tensor]:
-        view1, view2 = (v.contiguous(memory_format=self.memory_format) for v in (view1, view2))
+                         model: Callable | None = None, more_views: Sequence[torch.Tensor] = ()
+                         ) -> dict[str, torch.Tensor]:
+        # more_views: the third and further views of a multiview.MultiViewAMDIM
+        view1, view2, *more_views = (v.contiguous(memory_format=self.memory_format)
+                                     for v in (view1, view2, *more_views))
         with self.autocast():
-            out = (model or self.step_model)(view1, view2, labels)
+            out = (model or self.step_model)(view1, view2, labels, *more_views)
         self.optimiser.zero_grad(set_to_none=True)
         self.scaler.scale(out["loss"]).backward()  # frees the graph, even of a skipped step
         return out
 
     def __call__(self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor,
-                 lr: float) -> torch.Tensor:
+                 lr: float, more_views: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         for group in self.optimiser.param_groups:
             group["lr"] = lr
         saved = torch._foreach_add(self.statistics, 0.0) if self.statistics else []  # copies
-        out = self.forward_backward(view1, view2, labels)
+        out = self.forward_backward(view1, view2, labels, more_views=more_views)
         finite = torch.isfinite(out["loss"].detach()).float()
         if self.world_size > 1:  # the probes' loss is per rank: every rank skips together
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)

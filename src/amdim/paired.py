@@ -1,0 +1,294 @@
+"""Views from the data itself: contexts of K views (paired cameras, modalities, the L and ab
+channels of CIE Lab), for `--views paired` and `--views lab`.
+
+A source dataset yields `(views, label)`: `views` a tuple of K uint8 arrays (H, W, C), each
+with its own size and channel count, `label` an int (-1: unlabelled). Three sources are built
+in: `PairedFolder` (<root>/<view>/<relative path>), `PairedArrays` (an .npz of view_<name>
+arrays) and `RGBImages` (any RGB dataset, split into L and ab by `ViewSet`); any Dataset of
+the same items works too. `ViewSet` turns a source into training items: each view resized
+to the encoder's image size, optionally lightly augmented on its own, and normalised.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .data import DataError, _npz_split, class_names, labelled_split
+
+log = logging.getLogger("amdim")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+LAB = (("L", 1), ("ab", 2))  # the layout of --views lab: view names and channel counts
+RESERVED = ("all",)  # "all" names the concatenation of every view's feature
+# Lab normalisation: L in [0, 100], a and b within about +-100 (|ab| < 30 for most pixels)
+LAB_SHIFT, LAB_SCALE = (50.0, 0.0, 0.0), (25.0, 25.0, 25.0)
+UINT8_MEAN, UINT8_STD = 0.45, 0.25  # of x / 255 for views from the data, every channel
+CROP_SCALE, CROP_RATIO = (0.5, 1.0), (3 / 4, 4 / 3)  # the light per-view augmentation
+# sRGB (D65) -> CIE XYZ, and the D65 white point (IEC 61966-2-1; CIE 15)
+RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375),
+              (0.2126729, 0.7151522, 0.0721750),
+              (0.0193339, 0.1191920, 0.9503041))
+WHITE_D65 = (0.95047, 1.0, 1.08883)
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """sRGB in [0, 1], (..., 3, H, W) -> CIE L*a*b* (D65), (..., 3, H, W): L in [0, 100]."""
+    linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    matrix = torch.tensor(RGB_TO_XYZ, dtype=rgb.dtype, device=rgb.device)
+    white = torch.tensor(WHITE_D65, dtype=rgb.dtype, device=rgb.device)
+    # (..., 3, H, W) -> (..., H, W, 3) @ (3, 3)^T -> (..., 3, H, W), relative to white
+    xyz = (linear.movedim(-3, -1) @ matrix.T / white).movedim(-1, -3)
+    delta = 6 / 29
+    f = torch.where(xyz > delta ** 3, xyz.clamp_min(delta ** 3) ** (1 / 3),
+                    xyz / (3 * delta ** 2) + 4 / 29)
+    fx, fy, fz = f.unbind(-3)
+    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], -3)
+
+
+def _check_names(names, where: str) -> None:
+    for name in names:
+        if not name or "." in name or name in RESERVED:
+            raise DataError(f"{where}: view name {name!r} cannot be used (names must be "
+                            f"non-empty, without '.', and not {', '.join(RESERVED)})")
+
+
+def _as_hwc(array: np.ndarray) -> np.ndarray:
+    return array[..., None] if array.ndim == 2 else array
+
+
+class PairedFolder(Dataset):
+    """<root>/<view>/<relative path>: one sub-folder per view, views matched by relative path.
+    Relative paths in class folders (<view>/<class>/<file>) are labelled by the class, as
+    torchvision's ImageFolder; files missing from some view are left out and reported (a
+    warning naming them; strict: a DataError). A view's channel count is that of its first
+    image: 1 for greyscale (8-bit) images, else 3 (RGB)."""
+
+    def __init__(self, root: str | Path, strict: bool = False):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"{self.root} is not a folder of views (<root>/<view>/<file>)")
+        folders = sorted(p for p in self.root.iterdir() if p.is_dir())
+        if len(folders) < 2:
+            raise DataError(f"{self.root} needs one sub-folder per view, at least two; found "
+                            f"{[p.name for p in folders]}")
+        self.names = tuple(p.name for p in folders)
+        _check_names(self.names, str(self.root))
+        files = {p.name: {f.relative_to(p).as_posix() for f in p.rglob("*")
+                          if f.suffix.lower() in IMAGE_EXTENSIONS} for p in folders}
+        common = set.intersection(*files.values())
+        # per view: its files that some other view lacks
+        self.unmatched = {name: sorted(paths - common) for name, paths in files.items()
+                          if paths - common}
+        if self.unmatched:
+            shown = "; ".join(f"{name}/{paths[0]}" + (f" and {len(paths) - 1} more"
+                                                       if len(paths) > 1 else "")
+                              for name, paths in self.unmatched.items())
+            message = (f"{sum(map(len, self.unmatched.values()))} file(s) under {self.root} "
+                       f"have no match in every view: {shown}")
+            if strict:
+                raise DataError(message + " (run without --strict-data to leave them out)")
+            log.warning("%s; left out", message)
+        if not common:
+            raise DataError(f"no file of {self.root} is present in every view "
+                            f"({', '.join(self.names)}): views are matched by relative path")
+        self.paths = sorted(common)
+        labelled = all("/" in path for path in self.paths)
+        self.classes = sorted({path.split("/")[0] for path in self.paths}) if labelled else []
+        index = {name: i for i, name in enumerate(self.classes)}
+        self.labels = np.array([index[p.split("/")[0]] if labelled else -1 for p in self.paths],
+                               dtype=np.int64)
+        self.channels = tuple(self._read(name, self.paths[0], None).shape[2]
+                              for name in self.names)
+
+    def _read(self, view: str, path: str, channels: int | None) -> np.ndarray:
+        file = self.root / view / path
+        try:
+            with Image.open(file) as image:
+                if channels is None:  # the view's first image decides
+                    channels = 1 if image.mode in ("1", "L", "I", "I;16", "F") else 3
+                return _as_hwc(np.asarray(image.convert("L" if channels == 1 else "RGB")))
+        except (OSError, SyntaxError, ValueError) as error:
+            raise DataError(f"view {view!r}: cannot read {file} ({error})") from None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[tuple[np.ndarray, ...], int]:
+        path = self.paths[index]
+        return (tuple(self._read(name, path, c) for name, c in zip(self.names, self.channels)),
+                int(self.labels[index]))
+
+
+class PairedArrays(Dataset):
+    """An .npz with one uint8 array per view, `view_<name>`: (N, H, W[, C]), and optional
+    `labels` (N,) and `classes`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            arrays = np.load(self.path)
+        except (OSError, ValueError) as error:
+            raise DataError(f"cannot read {self.path} ({error})") from None
+        keys = sorted(k for k in arrays.files if k.startswith("view_"))
+        if len(keys) < 2:
+            raise DataError(f"{self.path} needs at least two view_<name> arrays (one per view); "
+                            f"it holds {arrays.files}")
+        self.names = tuple(k[len("view_"):] for k in keys)
+        _check_names(self.names, str(self.path))
+        # (N, H, W) -> (N, H, W, 1)
+        self.views = [arrays[k][..., None] if arrays[k].ndim == 3 else arrays[k] for k in keys]
+        n = len(self.views[0])
+        for name, view in zip(self.names, self.views):
+            if view.dtype != np.uint8 or view.ndim != 4 or len(view) != n:
+                raise DataError(f"{self.path}: view_{name} is {view.dtype} {view.shape}; every "
+                                f"view must be uint8 (N, H, W[, C]) with the same N ({n})")
+        self.labels = (arrays["labels"].astype(np.int64) if "labels" in arrays.files
+                       else np.full(n, -1, dtype=np.int64))
+        if len(self.labels) != n:
+            raise DataError(f"{self.path}: {len(self.labels)} labels for {n} contexts")
+        self.classes = ([str(c) for c in arrays["classes"]] if "classes" in arrays.files
+                        else [str(c) for c in range(int(self.labels.max()) + 1)]
+                        if (self.labels >= 0).any() else [])
+        self.channels = tuple(view.shape[3] for view in self.views)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[tuple[np.ndarray, ...], int]:
+        return tuple(view[index] for view in self.views), int(self.labels[index])
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+class RGBImages(Dataset):
+    """Any labelled RGB split (amdim.data.labelled_split) as one-view contexts ((H, W, 3),)."""
+
+    def __init__(self, data: str, split: str, data_root: str = "data", download: bool = False,
+                 strict: bool = False):
+        self.images = labelled_split(data, split, _rgb_array, data_root, download, strict)
+        self.classes = class_names(self.images)
+        self.names, self.channels = ("rgb",), (3,)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[tuple[np.ndarray], int]:
+        image, label = self.images[index]
+        return (image,), int(label)
+
+
+def crop_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """A random resized crop box (top, left, h, w): area CROP_SCALE of the image, aspect
+    ratio in CROP_RATIO (log-uniform), drawn from torch's generator."""
+    u = torch.rand(4).tolist()
+    area = height * width * (CROP_SCALE[0] + u[0] * (CROP_SCALE[1] - CROP_SCALE[0]))
+    ratio = math.exp(math.log(CROP_RATIO[0]) + u[1] * math.log(CROP_RATIO[1] / CROP_RATIO[0]))
+    h = min(height, max(1, round(math.sqrt(area / ratio))))
+    w = min(width, max(1, round(math.sqrt(area * ratio))))
+    return int(u[2] * (height - h + 1)), int(u[3] * (width - w + 1)), h, w
+
+
+def resize(view: torch.Tensor, size: int, augment: bool) -> torch.Tensor:
+    """(C, H, W) float -> (C, size, size): a random resized crop and flip when augment, else
+    the central square."""
+    _, height, width = view.shape
+    if augment:
+        top, left, h, w = crop_box(height, width)
+    else:
+        h = w = min(height, width)
+        top, left = (height - h) // 2, (width - w) // 2
+    view = view[:, top:top + h, left:left + w]
+    if augment and torch.rand(()) < 0.5:
+        view = view.flip(-1)
+    if (h, w) != (size, size):
+        view = F.interpolate(view[None], size=(size, size), mode="bilinear",
+                             align_corners=False, antialias=h > size or w > size)[0]
+    return view
+
+
+class ViewSet(Dataset):
+    """Training or evaluation items of a source of contexts: ((K views, each (C_k, S, S)
+    float32), label). mode "lab": the source's one RGB view, augmented (random resized crop and
+    flip, the same for both views) when training, split into L (1 channel) and ab (2); mode
+    "paired": the source's views, each resized to S. view_augment: when training, every view
+    also gets its own crop and flip."""
+
+    def __init__(self, source: Dataset, image_size: int, mode: str, train: bool,
+                 view_augment: bool = False):
+        if mode not in ("lab", "paired"):
+            raise ValueError(f"mode must be lab or paired, got {mode!r}")
+        self.source, self.image_size, self.mode = source, image_size, mode
+        self.train, self.view_augment = train, view_augment
+        self.classes = list(getattr(source, "classes", []))
+        self.skipped = list(getattr(getattr(source, "images", None), "skipped", []))
+        if mode == "lab":
+            self.layout = LAB
+        else:
+            names = getattr(source, "names", None)
+            channels = getattr(source, "channels", None)
+            if names is None or channels is None:  # any Dataset: read the first context
+                views, _ = source[0]
+                names = tuple(f"view{i}" for i in range(len(views)))
+                channels = tuple(_as_hwc(np.asarray(v)).shape[2] for v in views)
+            self.layout = tuple(zip(names, channels))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, ...], int]:
+        views, label = self.source[index]
+        # (H, W, C) uint8 -> (C, H, W) float in [0, 1]
+        views = [torch.from_numpy(np.array(_as_hwc(np.asarray(v)))).permute(2, 0, 1).float() / 255
+                 for v in views]
+        size, jitter = self.image_size, self.train and self.view_augment
+        if self.mode == "lab":
+            lab = rgb_to_lab(resize(views[0], size, self.train))
+            shift = torch.tensor(LAB_SHIFT)[:, None, None]
+            lab = (lab - shift) / torch.tensor(LAB_SCALE)[:, None, None]
+            views = [lab[:1], lab[1:]]
+            out = [resize(v, size, True) if jitter else v for v in views]
+        else:
+            out = [(resize(v, size, jitter) - UINT8_MEAN) / UINT8_STD for v in views]
+        return tuple(v.contiguous() for v in out), label
+
+
+def view_source(cfg, split: str) -> Dataset | None:
+    """The contexts of a split ("train" or "test") for a PretrainConfig with views lab or
+    paired; None where the data has no such split. Test splits: NAME_test.npz (or _val)
+    beside NAME_train.npz; <root>/test/<view>/... beside <root>/train/<view>/..."""
+    if cfg.views == "lab":
+        try:
+            return RGBImages(cfg.data, split, cfg.data_root, cfg.download, cfg.strict_data)
+        except DataError:
+            if split == "train":
+                raise
+            return None
+    path = Path(cfg.data)
+    if path.suffix.lower() == ".npz":
+        found = _npz_split(path, split)
+        return PairedArrays(found) if found else None
+    if (path / "train").is_dir():
+        folder = path / split
+        return PairedFolder(folder, cfg.strict_data) if folder.is_dir() else None
+    return PairedFolder(path, cfg.strict_data) if split == "train" else None
+
+
+def build_view_datasets(cfg) -> tuple[ViewSet, ViewSet | None, int]:
+    """(pretraining set, test set or None, number of classes or 0) of ViewSets for a
+    PretrainConfig with views lab or paired."""
+    train, test = view_source(cfg, "train"), view_source(cfg, "test")
+    if test is not None and test.names != train.names:
+        raise DataError(f"the test views {list(test.names)} of {cfg.data} are not the "
+                        f"training views {list(train.names)}")
+    n_classes = len(train.classes)
+    test = (ViewSet(test, cfg.image_size, cfg.views, False) if test is not None and n_classes
+            else None)
+    return ViewSet(train, cfg.image_size, cfg.views, True, cfg.view_augment), test, n_classes

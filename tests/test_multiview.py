@@ -1,0 +1,236 @@
+"""AMDIM on K views from the data: the objective over view pairs, one encoder per view,
+training (resume, two processes), checkpoints and extraction per view."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from amdim import checkpoint, distributed
+from amdim.config import preset
+from amdim.encoder import Features
+from amdim.extract import extract, load_features
+from amdim.multiview import MultiViewAMDIM, multiview_nce, view_layout
+from amdim.nce import SCORE_PENALTY, multiscale_nce
+from amdim.train import TrainingError, pretrain
+
+TINY = dict(ndf=8, n_rkhs=64, n_depth=1, batch_size=16, steps_per_epoch=3, warmup_steps=4,
+            workers=0, final_probe=False, device="cpu")
+LAB = view_layout((("L", 1), ("ab", 2)), "auto", "lab")
+
+
+def tiny(run_dir, **overrides):
+    return preset("digits", run_dir=str(run_dir), **{**TINY, **overrides})
+
+
+def random_features(batch, dim, generator):
+    return Features(*(torch.randn(batch, dim, side, side, generator=generator)
+                      for side in (1, 5, 7)))
+
+
+def naive_task(source, target, tclip):
+    """-mean log p(positive) of source vectors (B, D) against target maps (B, D, H, W), and
+    the score penalty, one image and location at a time."""
+    batch, dim = source.shape
+    maps = target.flatten(2)  # (B, D, L)
+    raw = torch.einsum("bd,cdl->bcl", source, maps) / math.sqrt(dim)  # (B, B, L)
+    clipped = tclip * torch.tanh(raw / tclip)
+    losses = []
+    for b in range(batch):
+        negatives = torch.cat([clipped[b, c] for c in range(batch) if c != b])
+        for location in range(maps.shape[2]):
+            positive = clipped[b, b, location]
+            losses.append(-(positive - torch.logsumexp(torch.cat([positive[None], negatives]), 0)))
+    return torch.stack(losses).mean(), SCORE_PENALTY * raw.square().mean()
+
+
+def test_multiview_nce_sums_both_directions_of_every_pair():
+    g = torch.Generator().manual_seed(0)
+    batch, dim, tclip = 4, 16, 20.0
+    features = [random_features(batch, dim, g) for _ in range(3)]
+    locations = [torch.randint(0, 25, (batch,), generator=g) for _ in range(3)]
+    pair = lambda f1, f2, locs: multiscale_nce(f1, f2, tclip, locs)
+    out = multiview_nce(features, pair, locations)
+    expected = dict.fromkeys(out, 0.0)
+    for i in range(3):
+        for j in range(3):
+            if i == j:
+                continue
+            source, target = features[i], features[j]
+            r5 = source.r5.flatten(2)[torch.arange(batch), :, locations[i]]  # (B, D)
+            for name, vectors, maps in (("loss_1t5", source.r1.flatten(1), target.r5),
+                                        ("loss_1t7", source.r1.flatten(1), target.r7),
+                                        ("loss_5t5", r5, target.r5)):
+                loss, penalty = naive_task(vectors, maps, tclip)
+                # half the sum over ordered pairs: each pair's two directions averaged
+                expected[name] = expected[name] + 0.5 * loss
+                expected["score_reg"] = expected["score_reg"] + 0.5 * penalty
+    for name in out:
+        torch.testing.assert_close(out[name], expected[name], rtol=1e-5, atol=1e-6)
+    # two views: exactly the two-view objective
+    two = multiview_nce(features[:2], pair, locations[:2])
+    for name, value in multiscale_nce(*features[:2], tclip, tuple(locations[:2])).items():
+        torch.testing.assert_close(two[name], value)
+
+
+def test_one_encoder_per_view_or_one_shared():
+    cfg = tiny("unused", views="lab")
+    model = MultiViewAMDIM(cfg, 10, LAB)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert shapes["encoder.L.layer_list.0.conv.weight"] == (8, 1, 3, 3)
+    assert shapes["encoder.ab.layer_list.0.conv.weight"] == (8, 2, 3, 3)
+    assert shapes["probes.all.block_glb_lin.block_forward.2.weight"] == (10, 128)  # 2 x n_rkhs
+    assert shapes["probes.L.block_glb_lin.block_forward.2.weight"] == (10, 64)
+    out = model(torch.randn(4, 1, 32, 32), torch.randn(4, 2, 32, 32), torch.arange(4))
+    assert torch.isfinite(out["loss"]) and out["n_labelled"] == 4
+    with pytest.raises(ValueError, match=r"view .L. takes \(B, 1, S, S\).*order L, ab"):
+        model(torch.randn(4, 2, 32, 32), torch.randn(4, 1, 32, 32), torch.arange(4))
+    cameras = view_layout((("left", 3), ("right", 3)))
+    assert cameras["shared"]
+    shared = MultiViewAMDIM(cfg, 0, cameras)
+    assert "encoder.layer_list.0.conv.weight" in dict(shared.named_parameters())
+    assert not view_layout((("left", 3), ("right", 3)), "separate")["shared"]
+    with pytest.raises(ValueError, match="one channel count"):
+        view_layout((("rgb", 3), ("depth", 1)), "shared")
+
+
+@pytest.mark.slow
+def test_lab_run_resumes_exactly_and_loads_per_view(tmp_path):
+    pretrain(tiny(tmp_path / "straight", epochs=3, views="lab", view_augment=True))
+    pretrain(tiny(tmp_path / "resumed", epochs=1, views="lab", view_augment=True))
+    pretrain(tiny(tmp_path / "resumed", epochs=3, views="lab", view_augment=True))
+    path = tmp_path / "straight" / "checkpoint.pt"
+    a, b = checkpoint.load(path), checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
+    assert a["views"] == {"names": ["L", "ab"], "channels": [1, 2], "shared": False}
+    for part in ("encoder", "probes"):
+        assert set(a[part]) == set(b[part])
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), (part, key)
+    torch.testing.assert_close(a["optimizer"]["state"], b["optimizer"]["state"], rtol=0, atol=0)
+    line = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("test_linear_acc", "test_linear_acc_L", "test_mlp_acc_ab"):
+        assert 0 <= line[key] <= 1
+    # per view, all views, and clear refusals
+    light = checkpoint.load_encoder(path, view="L")
+    assert light.global_features(torch.randn(2, 1, 32, 32)).shape == (2, 64)
+    both = checkpoint.load_encoder(path, view="all")
+    assert both.global_features([torch.randn(2, 1, 32, 32),
+                                 torch.randn(2, 2, 32, 32)]).shape == (2, 128)
+    with pytest.raises(checkpoint.CheckpointError, match="one encoder per view"):
+        checkpoint.load_encoder(path)
+    with pytest.raises(checkpoint.CheckpointError, match="no view 'depth'.*L, ab"):
+        checkpoint.load_encoder(path, view="depth")
+    exported = checkpoint.export_encoder(path, tmp_path / "encoder.pt")
+    assert torch.equal(checkpoint.load_encoder(exported, view="ab").layer_list[0].conv.weight,
+                       a["encoder"]["ab.layer_list.0.conv.weight"])
+    features = load_features(extract(str(path), out=str(tmp_path / "f.npz"), view="all",
+                                     device="cpu", workers=0))
+    assert features["features"].shape == (360, 128) and len(features["classes"]) == 10
+    features = load_features(extract(str(path), out=str(tmp_path / "f.npz"), view="ab",
+                                     device="cpu", workers=0))
+    assert features["features"].shape == (360, 64)
+
+
+def test_checkpoints_refuse_other_views(tmp_path):
+    pretrain(tiny(tmp_path / "augment", epochs=1))
+    with pytest.raises(checkpoint.CheckpointError, match="--views augment"):
+        checkpoint.load_encoder(tmp_path / "augment" / "checkpoint.pt", view="L")
+    with pytest.raises(TrainingError, match="views: saved 'augment', requested 'lab'"):
+        pretrain(tiny(tmp_path / "augment", epochs=2, views="lab"))
+
+
+def paired_npz(path, n=40):
+    """Three views of n contexts: two 'cameras' (3 channels, 32 and 48 px) and a 1-channel
+    one; class = whether the scene is bright."""
+    rng = np.random.default_rng(0)
+    bright = rng.integers(0, 2, n)
+    scene = rng.integers(0, 128, (n, 48, 48, 3)) + 127 * bright[:, None, None, None]
+    np.savez(path, view_left=scene[:, 8:40, 8:40].astype(np.uint8),
+             view_right=scene.astype(np.uint8), view_gray=scene.mean(3).astype(np.uint8),
+             labels=bright)
+    return path
+
+
+@pytest.mark.slow
+def test_three_paired_views_train_and_a_changed_layout_is_refused(tmp_path):
+    data = paired_npz(tmp_path / "scenes_train.npz")
+    paired_npz(tmp_path / "scenes_test.npz", n=20)
+    metrics = pretrain(tiny(tmp_path / "run", epochs=1, views="paired", data=str(data),
+                            final_probe=True))
+    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert state["views"] == {"names": ["gray", "left", "right"], "channels": [1, 3, 3],
+                              "shared": False}
+    assert {"test_linear_acc_gray", "final_linear_probe_acc_right",
+            "random_init_linear_probe_acc"} <= set(metrics)
+    for path in (data, tmp_path / "scenes_test.npz"):  # the gray view gone
+        np.savez(path, **{k: v for k, v in np.load(path).items() if k != "view_gray"})
+    with pytest.raises(TrainingError, match=r"gray \(1 channels\)"):
+        pretrain(tiny(tmp_path / "run", epochs=2, views="paired", data=str(data)))
+
+
+# -- two processes (gloo) train exactly like one on the concatenated batch, two encoders
+
+BATCH = 8
+
+
+def fixed_views():
+    g = torch.Generator().manual_seed(0)
+    views = (torch.randn(BATCH, 1, 32, 32, generator=g), torch.randn(BATCH, 2, 32, 32, generator=g))
+    locations = [torch.randint(0, 25, (BATCH,), generator=g) for _ in range(2)]
+    return views, torch.zeros(BATCH, dtype=torch.int64), locations
+
+
+def build():
+    torch.manual_seed(0)  # no probes: each rank's probes see only its own images
+    return MultiViewAMDIM(tiny("unused", views="lab", lr=1e-3), 0, LAB)
+
+
+def one_step(model, step_model, views, labels, locations):
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)  # see test_distributed.py
+    out = step_model(*views[:2], labels, source_locations=locations)
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    optimiser.step()
+    return out["loss"].detach(), grads
+
+
+def worker(rank, world_size, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    distributed.setup(torch.device("cpu"))
+    views, labels, locations = fixed_views()
+    part = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
+    model = build()
+    model.encoder = distributed.synchronise_batchnorm(model.encoder)
+    model.gather = distributed.gather
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    result = one_step(model, ddp, [v[part] for v in views], labels[part],
+                      [loc[part] for loc in locations])
+    running = {k: v for k, v in model.state_dict().items() if "running" in k}
+    torch.save((result, running), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_two_encoders(tmp_path):
+    from test_distributed import close, free_port
+
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    model = build()
+    loss, grads = one_step(model, model, *fixed_views())
+    running = {k: v for k, v in model.state_dict().items() if "running" in k}
+    assert any(k.startswith("encoder.L.") for k in grads) and any(
+        k.startswith("encoder.ab.") for k in grads)
+    for rank in range(2):
+        (d_loss, d_grads), d_running = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(d_loss, loss, rtol=1e-5, atol=1e-6)
+        assert set(d_grads) == set(grads)
+        for name in grads:
+            assert close(d_grads[name], grads[name]), name
+        for name in running:
+            torch.testing.assert_close(d_running[name], running[name], rtol=1e-4, atol=1e-6,
+                                       msg=name)
