@@ -130,7 +130,7 @@ def _end_to_end(cfg: PretrainConfig, step: TrainingStep, device: torch.device, d
     _synchronise(device)
     decode_s = time.perf_counter() - start
     views = BatchViews(cfg.image_size, *normalisation(cfg.data),  # as make_batches builds them
-                       channels_last=cfg.channels_last)
+                       channels_last=cfg.channels_last, augment=cfg.augment, seed=cfg.seed)
     batches = TrainBatches(cache, views, cfg.batch_size, seed=cfg.seed)
     height, width = cache.images.shape[2:]
     log.info("%s: %d images of %dx%d px decoded onto %s in %.1f s", data, len(cache), width,
