@@ -139,3 +139,16 @@ def test_presets_name_the_68_percent_recipe():
         PretrainConfig(augment="autoaugment")
     with pytest.raises(ValueError, match="loader"):
         PretrainConfig(augment="randaugment", data_path="device")
+
+
+def test_batched_policy_draws_follow_the_generators_seed():
+    from amdim.batch_views import BatchViews
+    images = colour_images(8, 40, 40)
+    views = BatchViews(32, MEAN, STD, augment="imagenet-faa")
+    first = views(images, torch.Generator().manual_seed(3))
+    again = BatchViews(32, MEAN, STD, augment="imagenet-faa", seed=99)(
+        images, torch.Generator().manual_seed(3))  # a fresh object: the same draws
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    generator = torch.Generator().manual_seed(3)
+    one, two = views(images, generator), views(images, generator)  # not reseeded: new draws
+    assert not torch.equal(one[0], two[0])

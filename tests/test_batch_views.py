@@ -516,3 +516,22 @@ def test_faa_views_on_cuda_group_by_operation_and_never_wait_for_the_host(image_
     assert groups <= 30 and len(log.kernels) <= 80 + 20 * groups, (
         groups, Counter(log.kernels).most_common())
     assert one.shape == two.shape == (64, 3, image_size, image_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("image_size,source,n", [(64, 96, 240), (128, 128, 96)])
+def test_faa_views_on_cuda_match_the_cpu_path_and_never_sync(image_size, source, n):
+    images = colour_images(n, source, seed=image_size + 1)
+    torch.manual_seed(1)
+    cpu = TwoViews(image_size, MEAN, STD, "imagenet-faa")
+    cpu_views = [torch.stack(v) for v in zip(*(cpu(to_pil(x)) for x in images))]
+    views = bv.BatchViews(image_size, MEAN, STD, augment="imagenet-faa", channels_last=True)
+    cuda_images, generator = images.cuda(), torch.Generator("cuda").manual_seed(1)
+    views(cuda_images, generator)  # the first batch makes the constants
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu_views = views(cuda_images, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_same_distribution(view_statistics(*cpu_views),
+                             view_statistics(*(v.cpu() for v in gpu_views)))

@@ -151,13 +151,14 @@ def apply(name: str, x: torch.Tensor, arguments: torch.Tensor) -> torch.Tensor:
 class BatchFastAutoAugment:
     """A Fast AutoAugment policy on a batch (N, 3, H, W) of float views in [0, 255] on any
     device, grouped by operation (see the module docstring). seed: of the host generator that
-    draws the sub-policies, steps, signs and Cutout positions."""
+    draws the sub-policies, steps, signs and Cutout positions, unless a call gives its own."""
 
     def __init__(self, policy: list = FAA_IMAGENET, seed: int = 0):
         self.policy = policy
         self.operation = torch.tensor([[OPERATIONS.index(s[0]) for s in p] for p in policy])
         self.probability = torch.tensor([[s[1] for s in p] for p in policy], dtype=torch.float64)
         self.generator = torch.Generator().manual_seed(seed)
+        self._last_seed, self._calls = None, 0
 
     def draw(self, n: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor,
                                                               list[tuple[int, str, int, int]]]:
@@ -196,8 +197,15 @@ class BatchFastAutoAugment:
         index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64)
         return index, arguments, groups
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, 3, H, W) float in [0, 255] -> the policy applied, integer values in [0, 255]."""
+    def __call__(self, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """x (N, 3, H, W) float in [0, 255] -> the policy applied, integer values in [0, 255].
+        seed: the host draws follow it (and the number of calls in a row with it), so that a
+        batch's draws follow its device generator's seed (TrainBatches seeds one per batch:
+        a resumed run draws what it would have); None: this object's generator goes on."""
+        if seed is not None:
+            self._calls = self._calls + 1 if seed == self._last_seed else 0
+            self._last_seed = seed
+            self.generator.manual_seed((seed * 1_000_003 + self._calls) % 2 ** 63)
         n, _, height, width = x.shape
         index, arguments, groups = self.draw(n, height, width)
         # two copies from the host, queued without waiting: the group members and arguments

@@ -223,7 +223,9 @@ class BatchViews:
             else:
                 x = self._cropped(images, u, const)
             if self.policy is not None:  # (N, 3, S*S) in 0..255, as uint8 values
-                x = self.policy(x.view(n, 3, size, size)).view(n, 3, size * size)
+                # its host draws follow the generator's seed, a host value (no sync)
+                seed = None if generator is None else generator.initial_seed()
+                x = self.policy(x.view(n, 3, size, size), seed).view(n, 3, size * size)
             x = self._jittered(x, u, flags, const)  # (N, 3, S*S) in [0, 1]
             # grayscale and normalisation: one colour matrix per image
             matrix = torch.where(flags[..., 3].view(n, 1, 1), const["gray_normalise"],
