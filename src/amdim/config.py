@@ -154,10 +154,10 @@ PRESETS: dict[str, dict] = {
                       batch_size=128, epochs=30, lr=1e-3, warmup_steps=300,
                       lr_milestones=(24, 28)),
     # the same at 64 px on Imagenette (9,469 training images, 10 classes): 173 images/s on
-    # one core, 50 epochs in about 50 minutes
+    # one core, 40 epochs in about 40 minutes
     "imagenette-cpu": dict(data="imagenette", image_size=64, ndf=32, n_rkhs=256, n_depth=1,
-                           batch_size=64, epochs=50, lr=1e-3, warmup_steps=300,
-                           lr_milestones=(40, 46)),
+                           batch_size=64, epochs=40, lr=1e-3, warmup_steps=300,
+                           lr_milestones=(32, 37)),
     # the authors' code: train.py's defaults (ndf 128, n_rkhs 1024, n_depth 3, batch 200)
     "cifar-small": dict(CIFAR, data="cifar10", ndf=128, n_rkhs=1024, n_depth=3, batch_size=200),
     # CIFAR-10 91.2% (paper Table 2b, "AMDIM-large"): size from issue #3 (the body text's other
