@@ -120,7 +120,7 @@ def test_lab_run_resumes_exactly_and_loads_per_view(tmp_path):
     both = checkpoint.load_encoder(path, view="all")
     assert both.global_features([torch.randn(2, 1, 32, 32),
                                  torch.randn(2, 2, 32, 32)]).shape == (2, 128)
-    with pytest.raises(checkpoint.CheckpointError, match="one encoder per view"):
+    with pytest.raises(checkpoint.CheckpointError, match="one encoder per view of the views L, ab"):
         checkpoint.load_encoder(path)
     with pytest.raises(checkpoint.CheckpointError, match="no view 'depth'.*L, ab"):
         checkpoint.load_encoder(path, view="depth")
@@ -161,15 +161,33 @@ def test_three_paired_views_train_and_a_changed_layout_is_refused(tmp_path):
     paired_npz(tmp_path / "scenes_test.npz", n=20)
     metrics = pretrain(tiny(tmp_path / "run", epochs=1, views="paired", data=str(data),
                             final_probe=True))
-    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = checkpoint.load(path)
     assert state["views"] == {"names": ["gray", "left", "right"], "channels": [1, 3, 3],
                               "shared": False}
     assert {"test_linear_acc_gray", "final_linear_probe_acc_right",
             "random_init_linear_probe_acc"} <= set(metrics)
+    features = load_features(extract(str(path), out=str(tmp_path / "f.npz"), view="gray",
+                                     device="cpu", workers=0))
+    assert features["features"].shape == (20, 64) and features["classes"].tolist() == ["0", "1"]
     for path in (data, tmp_path / "scenes_test.npz"):  # the gray view gone
         np.savez(path, **{k: v for k, v in np.load(path).items() if k != "view_gray"})
     with pytest.raises(TrainingError, match=r"gray \(1 channels\)"):
         pretrain(tiny(tmp_path / "run", epochs=2, views="paired", data=str(data)))
+
+
+def test_two_cameras_share_one_encoder(tmp_path):
+    data = paired_npz(tmp_path / "cameras.npz")
+    np.savez(data, **{k: v for k, v in np.load(data).items() if k != "view_gray"})
+    pretrain(tiny(tmp_path / "run", epochs=1, views="paired", data=str(data)))
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = checkpoint.load(path)
+    assert state["views"] == {"names": ["left", "right"], "channels": [3, 3], "shared": True}
+    assert "layer_list.0.conv.weight" in state["encoder"]  # one encoder, the paper's names
+    encoder = checkpoint.load_encoder(path, view="right")
+    assert torch.equal(encoder.layer_list[0].conv.weight, state["encoder"]["layer_list.0.conv.weight"])
+    with pytest.raises(checkpoint.CheckpointError, match="one encoder shared by the views left, right"):
+        checkpoint.load_encoder(path)
 
 
 # -- two processes (gloo) train exactly like one on the concatenated batch, two encoders

@@ -113,9 +113,9 @@ def _strip(state_dict: dict, prefix: str) -> dict:
 def load_model(path: str | os.PathLike, view: str | None = None
                ) -> tuple[Encoder, Probes | None, dict]:
     """Encoder (eval mode), online probes (None without labels) and the checkpoint dict, from
-    either format. view: for a checkpoint of --views lab or paired, the view whose encoder
-    and probes to return, or "all" (multiview.ViewsEncoder: every view's global feature,
-    concatenated); None where it holds one encoder."""
+    either format. view: for a checkpoint of --views lab or paired (required there), the
+    view whose encoder and probes to return, or "all" (multiview.ViewsEncoder: every view's
+    global feature, concatenated); None for a checkpoint of --views augment."""
     state = load(path)
     try:
         if is_authors(state):
@@ -166,8 +166,9 @@ def _view_model(path, state: dict, layout: dict, view: str | None):
     from .multiview import ALL, MultiViewAMDIM, ViewsEncoder
 
     names = layout["names"]
-    if view is None and not layout["shared"]:
-        raise CheckpointError(f"{path} holds one encoder per view ({', '.join(names)}): pass "
+    if view is None:  # which images the encoder takes is the view's business: never guessed
+        kind = "one encoder shared by" if layout["shared"] else "one encoder per view of"
+        raise CheckpointError(f"{path} holds {kind} the views {', '.join(names)}: pass "
                               "view=NAME (amdim extract --view NAME), or view='all' for every "
                               "view's features together")
     if view not in (None, ALL, *names):
@@ -183,11 +184,10 @@ def _view_model(path, state: dict, layout: dict, view: str | None):
         raise CheckpointError(f"{path} does not match the views it describes: "
                               f"{type(error).__name__}: {error}") from None
     model.eval()
-    name = view or names[0]
-    probes = model.probes[name] if model.probes is not None else None
+    probes = model.probes[view] if model.probes is not None else None
     if view == ALL:
         return ViewsEncoder(model).eval(), probes
-    return model.encoder_of(name), probes
+    return model.encoder_of(view), probes
 
 
 def export_encoder(path: str | os.PathLike, out: str | os.PathLike) -> Path:

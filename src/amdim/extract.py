@@ -231,7 +231,7 @@ def _view_features(encoder, state: dict, view: str | None, data: str, data_root:
                 labels.append(label)
         arrays = {"features": torch.cat(parts), "labels": torch.cat(labels)}
     else:
-        index = names.index(view or names[0])
+        index = names.index(view)
         arrays = encode(encoder, ((views[index], label) for views, label in loader), maps=maps,
                         out="cpu")
     # paired folders: each context's path relative to its view folders; else its index
