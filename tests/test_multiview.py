@@ -190,6 +190,31 @@ def test_two_cameras_share_one_encoder(tmp_path):
         checkpoint.load_encoder(path)
 
 
+class Scenes(torch.utils.data.Dataset):
+    """The Python API: any Dataset of (views tuple, label): a 40 px colour view and a 24 px
+    depth-like view of the same random scene; `classes` gives the probes their classes."""
+
+    classes = ["dark", "bright"]
+
+    def __len__(self):
+        return 48
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(i)
+        scene = rng.integers(0, 128, (40, 40, 3)) + 127 * (i % 2)
+        return (scene.astype(np.uint8), scene[::2, ::2, :1].astype(np.uint8)[8:32, 8:32]), i % 2
+
+
+def test_your_own_dataset_of_view_tuples(tmp_path):
+    metrics = pretrain(tiny(tmp_path / "run", epochs=1, views="paired", data="scenes"),
+                       view_data=(Scenes(), Scenes()))
+    assert 0 <= metrics["test_linear_acc_view1"] <= 1
+    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert state["views"] == {"names": ["view0", "view1"], "channels": [3, 1], "shared": False}
+    with pytest.raises(ValueError, match="--views paired"):
+        pretrain(tiny(tmp_path / "other", views="lab"), view_data=Scenes())
+
+
 # -- two processes (gloo) train exactly like one on the concatenated batch, two encoders
 
 BATCH = 8

@@ -260,6 +260,29 @@ class ViewSet(Dataset):
         return tuple(v.contiguous() for v in out), label
 
 
+class _Named(Dataset):
+    """A Dataset of (views, label) with the attributes of the built-in sources: names (view0,
+    view1, ...), channels (read from its first item), classes (its own, else from its labels
+    if it has `labels`, else none)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        views, _ = dataset[0]
+        self.names = tuple(getattr(dataset, "names", None)
+                           or (f"view{i}" for i in range(len(views))))
+        _check_names(self.names, type(dataset).__name__)
+        self.channels = tuple(_as_hwc(np.asarray(v)).shape[2] for v in views)
+        labels = getattr(dataset, "labels", None)
+        self.classes = list(getattr(dataset, "classes", None) or (
+            [str(c) for c in range(int(np.max(labels)) + 1)] if labels is not None else []))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]
+
+
 def view_source(cfg, split: str) -> Dataset | None:
     """The contexts of a split ("train" or "test") for a PretrainConfig with views lab or
     paired; None where the data has no such split. Test splits: NAME_test.npz (or _val)
@@ -281,10 +304,17 @@ def view_source(cfg, split: str) -> Dataset | None:
     return PairedFolder(path, cfg.strict_data) if split == "train" else None
 
 
-def build_view_datasets(cfg) -> tuple[ViewSet, ViewSet | None, int]:
+def build_view_datasets(cfg, sources=None) -> tuple[ViewSet, ViewSet | None, int]:
     """(pretraining set, test set or None, number of classes or 0) of ViewSets for a
-    PretrainConfig with views lab or paired."""
-    train, test = view_source(cfg, "train"), view_source(cfg, "test")
+    PretrainConfig with views lab or paired. sources: with views paired, a Dataset of
+    (views, label), or (train, test or None) such Datasets, instead of cfg.data's."""
+    if sources is not None and cfg.views != "paired":
+        raise ValueError(f"your own views need --views paired, not {cfg.views}")
+    if sources is None:
+        train, test = view_source(cfg, "train"), view_source(cfg, "test")
+    else:
+        train, test = sources if isinstance(sources, (tuple, list)) else (sources, None)
+        train, test = (None if s is None else _Named(s) for s in (train, test))
     if test is not None and test.names != train.names:
         raise DataError(f"the test views {list(test.names)} of {cfg.data} are not the "
                         f"training views {list(train.names)}")

@@ -66,25 +66,26 @@ def probe_accuracy(model: AMDIM, loader: DataLoader, device: torch.device, autoc
     return {"test_linear_acc": linear, "test_mlp_acc": mlp}
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
+def pretrain(cfg: PretrainConfig, view_data=None) -> dict:
     """Run (or resume) pretraining as configured; returns the last epoch's metrics (with
     "stopped": SIGINT, SIGTERM or "time limit" when it stopped early to be resumed).
     Under torchrun, every rank runs this; rank 0 alone locks the run folder, logs and
-    writes files."""
+    writes files. view_data: with cfg.views "paired", your own views instead of cfg.data's:
+    a Dataset of ((K uint8 arrays (H, W, C)), label), or (train, test or None) such sets."""
     run_dir, main_rank = Path(cfg.run_dir), int(os.environ.get("RANK", "0")) == 0
     with (locked(run_dir) if main_rank else nullcontext()), \
             explain_out_of_memory(cfg, run_dir / CHECKPOINT):
         if main_rank:
             keep_files_of_lost_run(run_dir)
-        return Pretraining(cfg).run()
+        return Pretraining(cfg, view_data).run()
 
 
 class Pretraining:
     """One run's state, built stage by stage (processes, data, model, restore, batches);
     run() trains it to cfg.epochs, one epoch at a time."""
 
-    def __init__(self, cfg: PretrainConfig):
-        self.started = time.perf_counter()
+    def __init__(self, cfg: PretrainConfig, view_data=None):
+        self.started, self.view_data = time.perf_counter(), view_data
         self._setup_processes(cfg)
         self._build_data()
         self._build_model()
@@ -117,7 +118,8 @@ class Pretraining:
         if cfg.views == "augment":
             self.train_set, self.test_set, self.n_classes = build_datasets(cfg)
         else:  # the data's views, or L and ab: one encoder per view or one shared
-            self.train_set, self.test_set, self.n_classes = build_view_datasets(cfg)
+            self.train_set, self.test_set, self.n_classes = build_view_datasets(
+                cfg, self.view_data)
             self.layout = multiview.view_layout(self.train_set.layout, cfg.view_encoders,
                                                 cfg.views)
         self.fingerprint = {"train_images": len(self.train_set), "n_classes": self.n_classes}
