@@ -98,6 +98,16 @@ def test_one_encoder_per_view_or_one_shared():
         view_layout((("rgb", 3), ("depth", 1)), "shared")
 
 
+def test_mixture_heads_and_bf16_with_one_encoder_per_view():
+    model = MultiViewAMDIM(tiny("unused", views="lab", n_mixtures=3), 10, LAB)
+    views = (torch.randn(4, 1, 32, 32), torch.randn(4, 2, 32, 32))
+    out = model(*views, torch.arange(4))
+    assert torch.isfinite(out["loss"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = model(*views, torch.arange(4), source_locations=[torch.zeros(4, dtype=torch.long)] * 2)
+    assert torch.isfinite(half["loss"]) and half["loss"].dtype == torch.float32
+
+
 @pytest.mark.slow
 def test_lab_run_resumes_exactly_and_loads_per_view(tmp_path):
     pretrain(tiny(tmp_path / "straight", epochs=3, views="lab", view_augment=True))

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from amdim.data import DataError
-from amdim.paired import PairedArrays, PairedFolder, ViewSet, rgb_to_lab
+from amdim.paired import PairedArrays, PairedFolder
+from amdim.view_sets import ViewSet, rgb_to_lab
 
 
 def test_rgb_to_lab_matches_known_values():

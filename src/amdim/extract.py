@@ -211,7 +211,8 @@ def _view_features(encoder, state: dict, view: str | None, data: str, data_root:
 
     from .config import PretrainConfig
     from .multiview import ALL
-    from .paired import ViewSet, view_source
+    from .paired import view_source
+    from .view_sets import ViewSet
 
     cfg = replace(PretrainConfig.from_dict(state["config"]), data=data, data_root=data_root)
     source = view_source(cfg, split)
