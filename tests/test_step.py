@@ -110,3 +110,12 @@ def test_cuda_steps_between_log_points_never_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert sums.read()[0]["steps"] == 8
+
+
+def test_a_compiled_model_can_be_stepped():
+    """pretrain and benchmark pass torch.compile(model) on CUDA: the step must take it (a
+    compiled module raises on bool(), as it has no len). Compiled here, never run."""
+    cfg = preset("digits", ndf=8, n_rkhs=64, n_depth=1, batch_size=8)
+    model = AMDIM(cfg, 10)
+    step = TrainingStep(cfg, model, CPU, torch.compile(model))
+    assert step.step_model is not model and step.model is model

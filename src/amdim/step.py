@@ -49,7 +49,9 @@ class TrainingStep:
 
     def __init__(self, cfg: PretrainConfig, model: torch.nn.Module, device: torch.device,
                  step_model: Callable | None = None, world_size: int = 1):
-        self.model, self.step_model = model, step_model or model
+        self.model = model
+        # `is None`, not `or`: bool() of a compiled module raises (it asks for its len)
+        self.step_model = model if step_model is None else step_model
         self.world_size = world_size
         self.optimiser = optimiser_for(cfg, model)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -65,7 +67,7 @@ class TrainingStep:
         view1, view2, *more_views = (v.contiguous(memory_format=self.memory_format)
                                      for v in (view1, view2, *more_views))
         with self.autocast():
-            out = (model or self.step_model)(view1, view2, labels, *more_views)
+            out = (self.step_model if model is None else model)(view1, view2, labels, *more_views)
         self.optimiser.zero_grad(set_to_none=True)
         self.scaler.scale(out["loss"]).backward()  # frees the graph, even of a skipped step
         return out
