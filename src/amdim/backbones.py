@@ -33,25 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import Encoder, EncoderConfig, FakeRKHSConvNet, Features
-
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's
-TIMM_PREFIX = "timm:"
-PRETRAINED = ("pretrained weights are never downloaded: amdim trains backbones from random "
-              "init, offline. Train from scratch (drop ':pretrained'), or load weights you have "
-              "into encoder.trunk yourself (encoder.trunk.load_state_dict)")
-
-
-def check_backbone(name: str) -> None:
-    """Raise ValueError unless name is amdim, a torchvision ResNet or timm:<model>."""
-    if name.endswith(":pretrained"):
-        raise ValueError(f"backbone {name!r}: {PRETRAINED}")
-    if name == "amdim" or name in RESNETS:
-        return
-    if not name.startswith(TIMM_PREFIX) or len(name) == len(TIMM_PREFIX):
-        raise ValueError(f"unknown backbone {name!r}; use amdim (the paper's encoder), one of "
-                         f"{', '.join(RESNETS)} (torchvision), or timm:<model name>")
-
+from .encoder import (RESNETS, TIMM_PREFIX, Encoder, EncoderConfig,  # noqa: F401 (API)
+                      FakeRKHSConvNet, Features, check_backbone)
 
 def build_encoder(cfg: EncoderConfig) -> nn.Module:
     """The encoder cfg describes: the paper's Encoder, or a BackboneEncoder. Both map

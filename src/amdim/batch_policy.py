@@ -21,8 +21,8 @@ import math
 import torch
 
 from .augment import CUTOUT_FILL, FAA_RANGES, MIRRORED, magnitude
-from .batch_views import LUMA
 from .faa_imagenet import FAA_IMAGENET
+from .views import LUMA
 
 OPERATIONS = tuple(FAA_RANGES)  # the 15 operations, in a fixed order
 AFFINE = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")

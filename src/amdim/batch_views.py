@@ -44,12 +44,12 @@ import torch
 from .batch_geometry import (CROP_TRIES, centre_crop_weights, crop_boxes, crop_constants,
                              crop_windows, reflected, resize_centre_crop,
                              resized_crop, sample_crop_boxes, translate)  # noqa: F401 (API)
-from .encoder import IMAGE_SIZES
 from .augment import LIGHTING_STD, PCA_EIGVAL, PCA_EIGVEC
-from .views import (CROP_RATIO, CROP_SCALE, EVAL_RESIZE, JITTER, MAX_TRANSLATION, crop_scale,
-                    hue_jitter)
+from .batch_policy import BatchFastAutoAugment
+from .encoder import IMAGE_SIZES
+from .views import (CROP_RATIO, CROP_SCALE, EVAL_RESIZE, JITTER, LUMA,  # noqa: F401
+                    MAX_TRANSLATION, crop_scale, hue_jitter)
 
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") in the CPU path
 # columns of the batch's random draw (copies, B, COLUMNS): flags compared with their
 # probabilities, jitter gains and hue, keys of the jitter order, then the geometry
 FLAGS, GAINS, ORDER, GEOMETRY = slice(0, 4), slice(4, 8), slice(8, 12), 12
@@ -190,7 +190,6 @@ class BatchViews:
         self.augment, self.crop_scale = augment, crop_scale(augment)
         self.policy = None
         if augment == "imagenet-faa":
-            from .batch_policy import BatchFastAutoAugment  # it imports this module's LUMA
             self.policy = BatchFastAutoAugment(seed=seed)
         self._constants: dict[tuple, dict[str, torch.Tensor]] = {}  # per (device, H, W)
 

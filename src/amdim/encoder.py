@@ -24,6 +24,25 @@ class Features(NamedTuple):
     r7: torch.Tensor  # (B, n_rkhs, 7, 7)
 
 
+# the standard backbones amdim.backbones builds (validated here, with the config)
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's
+TIMM_PREFIX = "timm:"
+PRETRAINED = ("pretrained weights are never downloaded: amdim trains backbones from random "
+              "init, offline. Train from scratch (drop ':pretrained'), or load weights you have "
+              "into encoder.trunk yourself (encoder.trunk.load_state_dict)")
+
+
+def check_backbone(name: str) -> None:
+    """Raise ValueError unless name is amdim, a torchvision ResNet or timm:<model>."""
+    if name.endswith(":pretrained"):
+        raise ValueError(f"backbone {name!r}: {PRETRAINED}")
+    if name == "amdim" or name in RESNETS:
+        return
+    if not name.startswith(TIMM_PREFIX) or len(name) == len(TIMM_PREFIX):
+        raise ValueError(f"unknown backbone {name!r}; use amdim (the paper's encoder), one of "
+                         f"{', '.join(RESNETS)} (torchvision), or timm:<model name>")
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """Architecture of the encoder; the paper's names, the authors' defaults."""
@@ -43,8 +62,6 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.backbone != "amdim":
-            from .backbones import check_backbone  # here: backbones imports this module
-
             check_backbone(self.backbone)
             if self.in_channels != 3:
                 raise ValueError(f"backbone {self.backbone!r} takes RGB images; a view with "

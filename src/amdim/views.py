@@ -20,6 +20,7 @@ from torchvision import transforms as T
 
 from .augment import AUGMENTS, FAA_CROP_SCALE, FastAutoAugment, Lighting
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma: PIL's convert("L"), the batched grayscale
 BICUBIC = T.InterpolationMode.BICUBIC
 # the authors' settings; batch_views.py builds the same views on tensors from these
 MAX_TRANSLATION = 4  # px, 32 px views
