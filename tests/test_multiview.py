@@ -12,7 +12,9 @@ import torch.multiprocessing as mp
 
 from amdim import checkpoint, distributed
 from amdim.config import preset
+from amdim.data import DataError
 from amdim.encoder import Features
+from amdim.evaluate import ConcatenatedViews, EvaluationConfig, evaluate_checkpoint
 from amdim.extract import extract, load_features
 from amdim.multiview import MultiViewAMDIM, multiview_nce, view_layout
 from amdim.nce import SCORE_PENALTY, multiscale_nce
@@ -149,8 +151,48 @@ def test_checkpoints_refuse_other_views(tmp_path):
     pretrain(tiny(tmp_path / "augment", epochs=1))
     with pytest.raises(checkpoint.CheckpointError, match="--views augment"):
         checkpoint.load_encoder(tmp_path / "augment" / "checkpoint.pt", view="L")
+    with pytest.raises(checkpoint.CheckpointError, match="--views augment"):
+        evaluate_checkpoint(str(tmp_path / "augment" / "checkpoint.pt"), view="L")
     with pytest.raises(TrainingError, match="views: saved 'augment', requested 'lab'"):
         pretrain(tiny(tmp_path / "augment", epochs=2, views="lab"))
+
+
+FAST_EVALUATION = EvaluationConfig(mode="features", epochs=1, lr_milestones=(), device="cpu",
+                                   workers=0, knn_k=5)
+
+
+def test_evaluate_one_view_or_all_views_of_a_lab_run(tmp_path):
+    from test_evaluate import run_cli
+
+    pretrain(tiny(tmp_path / "run", epochs=1, views="lab"))
+    path = tmp_path / "run" / "checkpoint.pt"
+    light = evaluate_checkpoint(str(path), cfg=FAST_EVALUATION, view="L")
+    assert light["out"] == str(tmp_path / "run" / "checkpoint.eval-features-L.json")
+    saved = json.loads((tmp_path / "run" / "checkpoint.eval-features-L.json").read_text())
+    assert saved["view"] == "L" and saved["mode"] == "features" and saved["epochs"] == 1
+    assert (saved["n_train"], saved["n_test"], saved["n_classes"]) == (1437, 360, 10)
+    for name in ("linear", "mlp", "knn"):
+        assert 0 <= saved[f"{name}_top1"] <= saved[f"{name}_top5"] <= 1
+    run_cli("evaluate", path, "--view", "all", "--mode", "features", "--epochs", 2,
+            "--lr-milestones", "--device", "cpu", "--workers", 0, "--knn-k", 5)
+    both = json.loads((tmp_path / "run" / "checkpoint.eval-features-all.json").read_text())
+    assert both["view"] == "all" and both["epochs"] == 2 and both["n_test"] == 360
+    assert 0 <= both["knn_top1"] <= both["knn_top5"] <= 1
+    # all: the concatenated global features that amdim extract --view all saves
+    views = checkpoint.load_encoder(path, view="all")
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ConcatenatedViews(views)(images).r1.flatten(1),
+                               views.global_features([images[:, :1], images[:, 1:]]))
+    # mode full: the lab augmentation (crop and flip) of the views
+    full = evaluate_checkpoint(str(path), cfg=EvaluationConfig(
+        mode="full", epochs=1, lr_milestones=(), device="cpu", workers=0, knn_k=5), view="ab")
+    assert full["view"] == "ab" and full["out"].endswith("checkpoint.eval-full-ab.json")
+    with pytest.raises(SystemExit, match=r"one encoder per view of the views L, ab.*--view NAME"):
+        run_cli("evaluate", path, "--mode", "features", "--device", "cpu")
+    with pytest.raises(SystemExit, match=r"no view 'depth'; its views are L, ab \(or all\)"):
+        run_cli("evaluate", path, "--view", "depth", "--device", "cpu")
+    with pytest.raises(SystemExit, match="data loader path"):
+        run_cli("evaluate", path, "--view", "L", "--data-path", "device", "--device", "cpu")
 
 
 def paired_npz(path, n=40):
@@ -180,6 +222,10 @@ def test_three_paired_views_train_and_a_changed_layout_is_refused(tmp_path):
     features = load_features(extract(str(path), out=str(tmp_path / "f.npz"), view="gray",
                                      device="cpu", workers=0))
     assert features["features"].shape == (20, 64) and features["classes"].tolist() == ["0", "1"]
+    for view in ("gray", "all"):  # 1 channel; 1 + 3 + 3 channels, three encoders
+        report = evaluate_checkpoint(str(path), cfg=FAST_EVALUATION, view=view)
+        assert report["view"] == view and (report["n_train"], report["n_test"]) == (40, 20)
+        assert 0 <= report["linear_top1"] <= 1 and report["n_classes"] == 2
     for path in (data, tmp_path / "scenes_test.npz"):  # the gray view gone
         np.savez(path, **{k: v for k, v in np.load(path).items() if k != "view_gray"})
     with pytest.raises(TrainingError, match=r"gray \(1 channels\)"):
@@ -198,6 +244,8 @@ def test_two_cameras_share_one_encoder(tmp_path):
     assert torch.equal(encoder.layer_list[0].conv.weight, state["encoder"]["layer_list.0.conv.weight"])
     with pytest.raises(checkpoint.CheckpointError, match="one encoder shared by the views left, right"):
         checkpoint.load_encoder(path)
+    with pytest.raises(DataError, match="cameras.npz has no test split of its views"):
+        evaluate_checkpoint(str(path), cfg=FAST_EVALUATION, view="all")
 
 
 class Scenes(torch.utils.data.Dataset):

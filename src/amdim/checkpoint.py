@@ -169,8 +169,8 @@ def _view_model(path, state: dict, layout: dict, view: str | None):
     if view is None:  # which images the encoder takes is the view's business: never guessed
         kind = "one encoder shared by" if layout["shared"] else "one encoder per view of"
         raise CheckpointError(f"{path} holds {kind} the views {', '.join(names)}: pass "
-                              "view=NAME (amdim extract --view NAME), or view='all' for every "
-                              "view's features together")
+                              "view=NAME (amdim extract or evaluate --view NAME), or view='all' "
+                              "(--view all) for every view's features together")
     if view not in (None, ALL, *names):
         raise CheckpointError(f"{path} has no view {view!r}; its views are "
                               f"{', '.join(names)} (or {ALL})")

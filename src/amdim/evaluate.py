@@ -12,6 +12,11 @@ and of the MLP probe are re-estimated in train mode on up to 50 shuffled test ba
 test set is scored shuffled with drop_last (the last partial batch's images are not scored).
 The JSON records the protocol, and with --data other than the encoder's training data, that
 the result is a transfer and what the encoder was trained on.
+A checkpoint of --views lab or paired is evaluated for one view (--view NAME: that view's
+encoder on that view's images) or all (the concatenated global features of every view's
+encoder), on the data loader path; its data is read as `amdim extract --view` reads it
+(extract.view_split), and mode "full" trains on the checkpoint's own pretraining augmentation
+of the views (lab: crop and flip; paired: --view-augment's crop and flip, or none).
 
 On a GPU the frozen encoder runs channels-last under bf16 autocast without gradients; a set
 held in memory (digits, CIFAR, STL-10, .npz) that fits is decoded onto the GPU once and
@@ -28,6 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 from tqdm import tqdm
@@ -39,8 +45,9 @@ from .batches import stored_size
 from .classifiers import Probes, knn_scores, topk_correct, train_epoch
 from .config import milestone_factor, resolve_device
 from .data import DataError, class_names, dataset_name, labelled_split, normalisation
-from .encoder import Encoder
-from .extract import checkpoint_data, encode, encode_batch, extract_features, frozen, in_order
+from .encoder import Encoder, Features
+from .extract import (checkpoint_data, encode, encode_batch, extract_features, frozen, in_order,
+                      view_split)
 from .tensor_data import EvalBatches, TrainBatches, cache_dataset, fits_in_memory
 from .views import augmentation, evaluation_transform
 
@@ -144,6 +151,41 @@ class FlippedView:
         flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         return self.views.view(images, generator)  # (B, 3, S, S) normalised
+
+
+class ChosenViews(Dataset):
+    """(image, label) items of a ViewSet for evaluate(): the views at `indices`, concatenated
+    along the channels: K views (C_k, S, S) -> (sum C_k, S, S)."""
+
+    def __init__(self, views: Dataset, indices: list[int]):
+        self.views, self.indices = views, indices
+        self.classes = views.classes
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        views, label = self.views[index]
+        return torch.cat([views[i] for i in self.indices]), label
+
+
+class ConcatenatedViews(nn.Module):
+    """A multiview.ViewsEncoder as one encoder for evaluate(): images (B, sum C_k, S, S), the
+    K views concatenated along the channels in view order -> Features whose r1, r5 and r7 are
+    every view's, concatenated: (B, K*n_rkhs, ...). cfg: a view encoder's, with in_channels
+    and n_rkhs summed over the views."""
+
+    def __init__(self, views: nn.Module):
+        super().__init__()
+        self.views, self.channels = views, list(views.view_layout["channels"])
+        first = views.model.encoder_of(views.views[0]).cfg
+        self.cfg = replace(first, in_channels=sum(self.channels),
+                           n_rkhs=len(self.channels) * first.n_rkhs)
+
+    def forward(self, images: torch.Tensor) -> Features:
+        # (B, sum C_k, S, S) -> K views (B, C_k, S, S)
+        features = self.views(images.split(self.channels, dim=1))
+        return Features(*(torch.cat(maps, 1) for maps in zip(*features)))
 
 
 def check_unchanged(encoder: Encoder, before: dict[str, torch.Tensor]) -> None:
@@ -296,39 +338,49 @@ def evaluate(encoder: Encoder, train_set: Dataset, test_set: Dataset, n_classes:
 
 def evaluate_checkpoint(path: str, data: str | None = None, data_root: str | None = None,
                         cfg: EvaluationConfig = EvaluationConfig(), out: str | None = None,
-                        download: bool = False) -> dict:
+                        download: bool = False, view: str | None = None) -> dict:
     """Evaluate a checkpoint (ours or the authors') on labelled data (default: the data it was
     trained on; other data is a transfer evaluation, e.g. Places205 with --schedule places205:
     new classifiers for its label set on the frozen encoder); writes the results as JSON to
-    `out` (default CHECKPOINT.eval-MODE.json)."""
+    `out` (default CHECKPOINT.eval-MODE.json, CHECKPOINT.eval-MODE-VIEW.json with a view).
+    view: for a checkpoint of --views lab or paired (required there), the view whose encoder
+    to evaluate, or "all" (every view's global feature, concatenated)."""
     start = time.perf_counter()
-    encoder, _, state = checkpoint.load_model(path)
+    encoder, _, state = checkpoint.load_model(path, view)
     encoder_data = (state.get("config") or {}).get("data")  # None: the authors' format
     data, data_root = checkpoint_data(state, data, data_root)
     transfer = None if encoder_data is None else not _same_data(data, encoder_data)
-    size, stats = encoder.cfg.image_size, normalisation(data)
-    plain = evaluation_transform(size, *stats)
-    train_set = labelled_split(data, "train", plain, data_root, download)
-    test_set = labelled_split(data, "test", plain, data_root, download)
+    augmented = None  # the device path augments the cached train_set itself
+    if view is not None:  # load_model refused a view of any other checkpoint
+        encoder, train_set, test_set, augmented = _view_sets(encoder, state, view, data,
+                                                             data_root, cfg)
+        stats = None  # the loader path: ViewSets normalise each view themselves
+    else:
+        size, stats = encoder.cfg.image_size, normalisation(data)
+        plain = evaluation_transform(size, *stats)
+        train_set = labelled_split(data, "train", plain, data_root, download)
+        test_set = labelled_split(data, "test", plain, data_root, download)
     classes = class_names(train_set)
     cfg = runtime(with_schedule(cfg, data), train_set, test_set, stats)
-    augmented = None  # the device path augments the cached train_set itself
-    if cfg.mode == "full" and cfg.data_path == "loader":
+    if view is None and cfg.mode == "full" and cfg.data_path == "loader":
         # one view of the pretraining augmentation, after a random flip
         augmented = labelled_split(data, "train", T.Compose(
             [T.RandomHorizontalFlip(), augmentation(size, *stats)]), data_root)
-    log.info("evaluating %s on %s%s: %d train / %d test images, %d classes, %s mode, %s "
-             "schedule (%d epochs), %s protocol, %s, %s, %s data path", path, data,
+    log.info("evaluating %s%s on %s%s: %d train / %d test images, %d classes, %s mode, %s "
+             "schedule (%d epochs), %s protocol, %s, %s, %s data path", path,
+             "" if view is None else f" (view {view})", data,
              f" (transfer from {encoder_data})" if transfer else "", len(train_set),
              len(test_set), len(classes), cfg.mode, cfg.schedule, cfg.epochs, cfg.protocol,
              cfg.device, cfg.precision, cfg.data_path)
     results = evaluate(encoder, train_set, test_set, len(classes), cfg, augmented, stats)
     # transfer: null where the checkpoint does not record its training data (the authors')
-    report = {"checkpoint": str(path), "data": data, "encoder_data": encoder_data,
+    report = {"checkpoint": str(path), **({} if view is None else {"view": view}),
+              "data": data, "encoder_data": encoder_data,
               "transfer": transfer, "n_train": len(train_set), "n_test": len(test_set),
               "n_classes": len(classes), **asdict(cfg), **results,
               "seconds": round(time.perf_counter() - start, 1)}
-    out = Path(out) if out else Path(path).with_suffix(f".eval-{cfg.mode}.json")
+    suffix = cfg.mode if view is None else f"{cfg.mode}-{view}"
+    out = Path(out) if out else Path(path).with_suffix(f".eval-{suffix}.json")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
@@ -338,6 +390,29 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_root: str | Non
                               "they are printed above. Pass --out elsewhere") from None
     report["out"] = str(out)
     return report
+
+
+def _view_sets(encoder: nn.Module, state: dict, view: str, data: str, data_root: str,
+               cfg: EvaluationConfig) -> tuple[nn.Module, Dataset, Dataset, Dataset]:
+    """(encoder, train, test, augmented train) for evaluate() of one view of a --views lab /
+    paired checkpoint, or of all: the views as `amdim extract --view` reads them, the chosen
+    ones concatenated along the channels (ChosenViews; all: for ConcatenatedViews)."""
+    from .multiview import ALL
+
+    if cfg.data_path == "device":
+        raise EvaluationError("a checkpoint of --views lab or paired is evaluated on the data "
+                              "loader path; drop --data-path device")
+    train, test = (view_split(state, data, data_root, split) for split in ("train", "test"))
+    if not train.classes:
+        raise DataError(f"{data} has no labels (class folders, or a labels array) to evaluate "
+                        "its views on")
+    names = list(state["views"]["names"])
+    indices = list(range(len(names))) if view == ALL else [names.index(view)]
+    if view == ALL:
+        encoder = ConcatenatedViews(encoder)
+    augmented = copy.copy(train)  # the checkpoint's pretraining augmentation of the views
+    augmented.train = True
+    return (encoder, *(ChosenViews(views, indices) for views in (train, test, augmented)))
 
 
 def _same_data(data: str, other: str) -> bool:
@@ -389,7 +464,8 @@ def compare_with_random_init(encoder: Encoder, seed: int, train_set: Dataset, te
 def table(report: dict) -> str:
     """The results as a small text table, accuracies in percent."""
     transfer = f", transfer from {report['encoder_data']}" if report.get("transfer") else ""
-    rows = [f"{report['checkpoint']} on {report['data']} ({report['mode']} mode, "
+    view = f" (view {report['view']})" if "view" in report else ""
+    rows = [f"{report['checkpoint']}{view} on {report['data']} ({report['mode']} mode, "
             f"{report.get('protocol', 'standard')} protocol{transfer}, "
             f"{report['n_train']} train / {report['n_test']} test images)",
             f"{'classifier':<12}{'top-1':>8}{'top-5':>8}"]
@@ -440,7 +516,12 @@ def register(subparsers) -> None:
                         "order; authors: as amdim-public scores, for exact comparison with "
                         "their numbers: batch-norm statistics re-estimated on up to 50 shuffled "
                         "test batches in train mode, then shuffled drop_last scoring")
-    parser.add_argument("--out", help="results JSON (default: CHECKPOINT.eval-MODE.json)")
+    parser.add_argument("--view", help="a checkpoint of --views lab or paired (required "
+                        "there): the view whose encoder to evaluate on that view's images (e.g. "
+                        "L, ab, or a folder view's name), or all (every view's global feature, "
+                        "concatenated)")
+    parser.add_argument("--out", help="results JSON (default: CHECKPOINT.eval-MODE.json; "
+                        "CHECKPOINT.eval-MODE-VIEW.json with --view)")
     parser.set_defaults(func=_run)
 
 
@@ -453,7 +534,7 @@ def _run(args) -> None:
             precision=args.precision, data_path=args.data_path, knn_k=args.knn_k,
             knn_temperature=args.knn_temperature, seed=args.seed, protocol=args.protocol)
         report = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, cfg, args.out,
-                                     args.download)
+                                     args.download, args.view)
     except (ValueError, DataError, EvaluationError, checkpoint.CheckpointError) as error:
         raise SystemExit(f"amdim evaluate: {error}") from None
     print(table(report))

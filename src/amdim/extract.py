@@ -203,14 +203,13 @@ def extract(path: str, data: str | None = None, split: str = "test", out: str | 
     return _save(arrays, out)
 
 
-def _view_features(encoder, state: dict, view: str | None, data: str, data_root: str,
-                   split: str, device: torch.device, batch_size: int, workers: int,
-                   maps: bool) -> dict:
-    """extract's arrays for one view of a --views lab / paired checkpoint, or all views."""
+def view_split(state: dict, data: str, data_root: str, split: str):
+    """The contexts of a split of `data` as a view_sets.ViewSet for the encoders of a --views
+    lab / paired checkpoint (`state`), without augmentation (set .train for the checkpoint's
+    pretraining augmentation); refuses data whose views are not the checkpoint's."""
     from dataclasses import replace
 
     from .config import PretrainConfig
-    from .multiview import ALL
     from .paired import view_source
     from .view_sets import ViewSet
 
@@ -218,8 +217,25 @@ def _view_features(encoder, state: dict, view: str | None, data: str, data_root:
     source = view_source(cfg, split)
     if source is None:
         raise DataError(f"{data} has no {split} split of its views")
+    dataset = ViewSet(source, cfg.image_size, cfg.views, False, cfg.view_augment)
+    layout = state["views"]
+    found = [list(x) for x in zip(*dataset.layout)]
+    if found != [list(layout["names"]), list(layout["channels"])]:
+        raise DataError(f"the views of {data} ({split}) are {dict(zip(*found))} (name: "
+                        f"channels); the checkpoint's encoders take "
+                        f"{dict(zip(layout['names'], layout['channels']))}")
+    return dataset
+
+
+def _view_features(encoder, state: dict, view: str | None, data: str, data_root: str,
+                   split: str, device: torch.device, batch_size: int, workers: int,
+                   maps: bool) -> dict:
+    """extract's arrays for one view of a --views lab / paired checkpoint, or all views."""
+    from .multiview import ALL
+
     names = state["views"]["names"]
-    dataset = ViewSet(source, cfg.image_size, cfg.views, train=False)
+    dataset = view_split(state, data, data_root, split)
+    source = dataset.source
     loader = tqdm(in_order(dataset, device, batch_size, workers), desc="features",
                   unit="batch", leave=False, mininterval=1.0)
     if view == ALL:
