@@ -31,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("tests", "benchmark", "cifar", "mixture")
+# --smoke's pretraining: a tiny model, 2 steps on the embedded digits
+SMOKE_PRETRAIN = ["--preset", "digits", "--epochs", "1", "--steps-per-epoch", "2", "--ndf", "8",
+                  "--n-rkhs", "64", "--batch-size", "16"]
 
 
 def _commit() -> str:
@@ -98,16 +101,18 @@ class Check:
                 runs[name] = {**self.amdim(*args, timeout=300), "results": _read(path)}
         return runs
 
+    def pretrain(self, run: Path, real: list[str], *extra: str, timeout: float) -> dict:
+        """`amdim pretrain` in bf16 into run: with the `real` settings, or in smoke mode a
+        tiny model for 2 steps on digits; `extra` flags in both."""
+        train = SMOKE_PRETRAIN if self.smoke else real
+        return self.amdim("pretrain", *train, *extra, "--precision", "bf16", "--no-final-probe",
+                          "--device", self.device, "--run-dir", str(run), timeout=timeout)
+
     def cifar(self) -> dict:
         run = self.scratch / "cifar-small"
-        if self.smoke:
-            train = ["--preset", "digits", "--epochs", "1", "--steps-per-epoch", "2",
-                     "--ndf", "8", "--n-rkhs", "64", "--batch-size", "16"]
-        else:
-            train = ["--preset", "cifar-small", "--data", self.npz("cifar10_jpeg_train.npz"),
-                     "--epochs", "30", "--lr-milestones", "24", "28", "--time-limit", "6"]
-        pretrain = self.amdim("pretrain", *train, "--precision", "bf16", "--no-final-probe",
-                              "--device", self.device, "--run-dir", str(run), timeout=480)
+        pretrain = self.pretrain(run, [
+            "--preset", "cifar-small", "--data", self.npz("cifar10_jpeg_train.npz"),
+            "--epochs", "30", "--lr-milestones", "24", "28", "--time-limit", "6"], timeout=480)
         report = run / "checkpoint.eval-features.json"
         evaluate = self.amdim("evaluate", str(run / "checkpoint.pt"), "--mode", "features",
                               "--device", self.device, "--out", str(report),
@@ -117,16 +122,10 @@ class Check:
 
     def mixture(self) -> dict:
         run = self.scratch / "mixture-k4"
-        if self.smoke:
-            train = ["--preset", "digits", "--epochs", "1", "--steps-per-epoch", "2",
-                     "--ndf", "8", "--n-rkhs", "64", "--batch-size", "16"]
-        else:
-            train = ["--preset", "imagenet-small", "--data", self.npz("imagenette128_train.npz"),
-                     "--epochs", "20", "--lr-milestones", "16", "--warmup-steps", "100",
-                     "--time-limit", "5"]
-        pretrain = self.amdim("pretrain", *train, "--n-mixtures", "4", "--precision", "bf16",
-                              "--no-final-probe", "--device", self.device, "--run-dir", str(run),
-                              timeout=420)
+        pretrain = self.pretrain(run, [
+            "--preset", "imagenet-small", "--data", self.npz("imagenette128_train.npz"),
+            "--epochs", "20", "--lr-milestones", "16", "--warmup-steps", "100",
+            "--time-limit", "5"], "--n-mixtures", "4", timeout=420)
         maps = self.docs / f"{self._tag()}-mixture-k4-segments.png"
         segment = ["segment", str(run / "checkpoint.pt"), "--out", str(maps), "--n-images", "16",
                    "--spatial-coherence", "--device", self.device]

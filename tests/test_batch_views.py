@@ -444,14 +444,14 @@ def test_views_on_cuda_take_at_most_80_kernels_and_never_wait_for_the_host(
         assert x.is_contiguous(memory_format=memory_format)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("image_size,source,n", [(32, 32, 500), (64, 96, 240), (128, 128, 96)])
-def test_views_on_cuda_match_the_cpu_path_and_never_sync(image_size, source, n):
-    images = colour_images(n, source, seed=image_size)
+def assert_cuda_views_match_cpu_path_without_sync(image_size, source, n, augment, seed):
+    """Real CUDA views (channels-last) against the CPU path's statistics, the second batch
+    under torch.cuda.set_sync_debug_mode("error")."""
+    images = colour_images(n, source, seed=seed)
     torch.manual_seed(1)
-    cpu = TwoViews(image_size, MEAN, STD)
+    cpu = TwoViews(image_size, MEAN, STD, augment)
     cpu_views = [torch.stack(v) for v in zip(*(cpu(to_pil(x)) for x in images))]
-    views = bv.BatchViews(image_size, MEAN, STD, channels_last=True)
+    views = bv.BatchViews(image_size, MEAN, STD, augment=augment, channels_last=True)
     cuda_images, generator = images.cuda(), torch.Generator("cuda").manual_seed(1)
     views(cuda_images, generator)  # the first batch makes the constants
     torch.cuda.set_sync_debug_mode("error")
@@ -462,6 +462,12 @@ def test_views_on_cuda_match_the_cpu_path_and_never_sync(image_size, source, n):
     assert all(v.is_contiguous(memory_format=torch.channels_last) for v in gpu_views)
     assert_same_distribution(view_statistics(*cpu_views),
                              view_statistics(*(v.cpu() for v in gpu_views)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("image_size,source,n", [(32, 32, 500), (64, 96, 240), (128, 128, 96)])
+def test_views_on_cuda_match_the_cpu_path_and_never_sync(image_size, source, n):
+    assert_cuda_views_match_cpu_path_without_sync(image_size, source, n, "paper", image_size)
 
 
 # --- the Fast AutoAugment ImageNet policy (--augment imagenet-faa) ---------------------
@@ -521,17 +527,5 @@ def test_faa_views_on_cuda_group_by_operation_and_never_wait_for_the_host(image_
 @pytest.mark.gpu
 @pytest.mark.parametrize("image_size,source,n", [(64, 96, 240), (128, 128, 96)])
 def test_faa_views_on_cuda_match_the_cpu_path_and_never_sync(image_size, source, n):
-    images = colour_images(n, source, seed=image_size + 1)
-    torch.manual_seed(1)
-    cpu = TwoViews(image_size, MEAN, STD, "imagenet-faa")
-    cpu_views = [torch.stack(v) for v in zip(*(cpu(to_pil(x)) for x in images))]
-    views = bv.BatchViews(image_size, MEAN, STD, augment="imagenet-faa", channels_last=True)
-    cuda_images, generator = images.cuda(), torch.Generator("cuda").manual_seed(1)
-    views(cuda_images, generator)  # the first batch makes the constants
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        gpu_views = views(cuda_images, generator)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert_same_distribution(view_statistics(*cpu_views),
-                             view_statistics(*(v.cpu() for v in gpu_views)))
+    assert_cuda_views_match_cpu_path_without_sync(image_size, source, n, "imagenet-faa",
+                                                  image_size + 1)

@@ -171,6 +171,7 @@ class Pretraining:
 
     def _restore(self) -> None:
         self.epoch = self.step_in_epoch = self.step = self.skipped_batches = 0
+        self._skipped_seen = 0  # skipped steps of this epoch already warned about
         state = self.state
         if state is None:
             self.sums = EpochSums(self.device)
@@ -295,7 +296,7 @@ class Pretraining:
                     else "no checkpoint was saved before it")
             raise TrainingError(f"{message}; {last}. Lower --lr, use --precision fp32, or pass "
                                 "--skip-nonfinite to skip such batches")
-        if skipped > getattr(self, "_skipped_seen", 0):
+        if skipped > self._skipped_seen:
             log.warning("%s; batch skipped (%d skipped in this epoch)", message, skipped)
         self._skipped_seen = skipped
         return values, skipped
