@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -181,10 +182,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny settings on the CPU, seconds: checks that the script runs")
     parser.add_argument("--data", help="folder of the .npz datasets (default: ../shared/data, "
                                        "else data/)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
-                        help="where the JSON results go (default: benchmarks/results)")
-    parser.add_argument("--docs", default=str(ROOT / "docs"), help="where figures go")
+    parser.add_argument("--out", help="where the JSON results go (default: benchmarks/results; "
+                                      "with --smoke a temporary folder)")
+    parser.add_argument("--docs", help="where figures go (default: docs; with --smoke the "
+                                       "--out folder)")
     args = parser.parse_args(argv)
+    if args.smoke:  # smoke results are no results: never beside the real ones
+        args.out = args.out or tempfile.mkdtemp(prefix="amdim-gpu-check-smoke-")
+        args.docs = args.docs or args.out
+    args.out = args.out or str(ROOT / "benchmarks" / "results")
+    args.docs = args.docs or str(ROOT / "docs")
     check = Check(args)
     if not args.smoke:
         import torch
