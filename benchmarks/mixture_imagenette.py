@@ -14,13 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from amdim import mixture
-from amdim.config import add_config_flags, config_from_args
+from amdim.checkpoint import load_model
+from amdim.config import PretrainConfig, add_config_flags, config_from_args
+from amdim.data import build_datasets, normalisation
+from amdim.evaluate import EvaluationConfig, evaluate_checkpoint
+from amdim.model import AMDIM
+from amdim.segment import (compare_maps, load_mixture_model, pictures, posterior_maps,
+                           spatial_coherence, within_image_structure)
 from amdim.train import pretrain
 
 DATA = "../shared/data/imagenette128_train.npz"
@@ -68,6 +78,90 @@ def train(args: argparse.Namespace) -> None:
         print(json.dumps({k: v for k, v in metrics.items() if "acc" in k}), flush=True)
 
 
+def random_model(cfg: PretrainConfig, n_mixtures: int, n_classes: int):
+    """Encoder and mixture head (eval mode) exactly as pretraining with K components starts."""
+    torch.manual_seed(cfg.seed)
+    model = AMDIM(PretrainConfig.from_dict({**cfg.to_dict(), "n_mixtures": n_mixtures}),
+                  n_classes)
+    return model.encoder.eval(), model.mixture_head.eval()
+
+
+def structure(encoder, head, images: torch.Tensor, alpha: float, batch_size: int) -> dict:
+    """Spatial structure of the posterior over every image, batch by batch (the other images of
+    a batch are its NCE negatives, as in training)."""
+    batches = [posterior_maps(encoder, head, images[i:i + batch_size], alpha=alpha)
+               for i in range(0, len(images), batch_size)]
+    report = {}
+    for name in ("r7", "r5"):
+        maps = torch.cat([batch[name] for batch in batches])
+        usage = torch.bincount(maps.argmax(1).flatten(), minlength=maps.shape[1])
+        report[name] = {**spatial_coherence(maps), **within_image_structure(maps),
+                        "usage": (usage / usage.sum()).tolist()}
+    return report
+
+
+def report(args: argparse.Namespace) -> None:
+    root = Path(args.root)
+    missing = [name for name in RUNS if not (root / name / "result.json").exists()]
+    if missing:
+        raise SystemExit(f"no finished run for {missing} under {root}: train them first")
+    cfg = PretrainConfig.from_dict(json.loads((root / "k1" / "config.json").read_text()))
+    _, test, n_classes = build_datasets(cfg)
+    order = torch.from_numpy(np.random.default_rng(PICTURE_SEED).permutation(len(test)))
+    print(f"decoding {len(test)} validation images", flush=True)
+    images = torch.stack([test[int(i)][0] for i in order])  # shuffled: batches mix classes
+    shown = picture_indices(len(test))
+    shown_images = torch.stack([test[i][0] for i in shown])
+    k1_encoder = load_model(root / "k1" / "checkpoint.pt")[0]
+    models = {}  # label -> (encoder, head, alpha): the controls, then the mixture runs
+    for n_mixtures in (4, 8):
+        encoder, head = random_model(cfg, n_mixtures, n_classes)
+        models[f"random init, K={n_mixtures} head"] = (encoder, head, 1.0)
+        models[f"K=1 encoder, untrained K={n_mixtures} head"] = (k1_encoder, head, 1.0)
+    for name, (n_mixtures, _, _) in RUNS.items():
+        if n_mixtures > 1:
+            encoder, head, saved = load_mixture_model(root / name / "checkpoint.pt")
+            models[name] = (encoder, head, saved.mixture_entropy)
+    results = {"command": "python benchmarks/mixture_imagenette.py report "
+                          + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "func"),
+               "machine": f"{platform.processor() or platform.machine()}, "
+                          f"{len(os.sched_getaffinity(0))} usable cores, torch {torch.__version__}",
+               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                        capture_output=True).stdout.strip(),
+               "common_config": {k: v for k, v in cfg.to_dict().items()
+                                 if k not in ("n_mixtures", "mixture_entropy", "run_dir")},
+               "pictures": {"indices": shown, "seed": PICTURE_SEED},
+               "structure_images": len(images), "runs": {}, "controls": {}}
+    for name, (n_mixtures, alpha, init_scale) in RUNS.items():
+        print(f"evaluating {name}", flush=True)
+        result = json.loads((root / name / "result.json").read_text())
+        evaluation = evaluate_checkpoint(str(root / name / "checkpoint.pt"),
+                                         cfg=EvaluationConfig(mode="features", device="cpu"),
+                                         out=str(root / name / "eval.json"))
+        results["runs"][name] = {
+            "n_mixtures": n_mixtures, "alpha": alpha if n_mixtures > 1 else None,
+            "head_init_scale": init_scale if n_mixtures > 1 else None,
+            **{k: result[k] for k in ("command", "wall_s", "final")}, "evaluate": evaluation}
+    maps = {}
+    for label, (encoder, head, alpha) in models.items():
+        print(f"posterior of {label}", flush=True)
+        entry = results["runs"][label] if label in RUNS else results["controls"].setdefault(label, {})
+        entry["structure"] = structure(encoder, head, images, alpha, cfg.batch_size)
+        maps[label] = posterior_maps(encoder, head, shown_images, alpha=alpha)
+    picture_rows = {(f"K={RUNS[label][0]}, alpha={RUNS[label][1]:g}"
+                     + (f", head init {RUNS[label][2]:g}x" if label.endswith("init1") else "")
+                     if label in RUNS else label): posterior
+                    for label, posterior in maps.items() if "K=8" not in label or label in RUNS}
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    drawn = pictures(shown_images, *normalisation(cfg.data)).numpy()
+    for scale in ("r7", "r5"):
+        compare_maps(drawn, {label: m[scale] for label, m in picture_rows.items()},
+                     docs / f"mixtures-imagenette-{scale}.png")
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out} and {docs}/mixtures-imagenette-r7.png, -r5.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(required=True)
@@ -76,6 +170,11 @@ def main() -> None:
     run.add_argument("--data", default=DATA)
     run.add_argument("--root", default="runs/mixtures-imagenette")
     run.set_defaults(func=train)
+    summary = commands.add_parser("report", help="measure the finished runs; draw the maps")
+    summary.add_argument("--root", default="runs/mixtures-imagenette")
+    summary.add_argument("--out", default="benchmarks/results/cpu-imagenette-mixtures.json")
+    summary.add_argument("--docs", default="docs")
+    summary.set_defaults(func=report)
     args = parser.parse_args()
     args.func(args)
 

@@ -10,7 +10,8 @@ from amdim import Encoder, Probes
 from amdim.checkpoint import FORMAT, CheckpointError, save_atomic
 from amdim.config import PretrainConfig
 from amdim.mixture import MixtureHead
-from amdim.segment import load_mixture_model, register, segment_images, spatial_coherence
+from amdim.segment import (compare_maps, load_mixture_model, register, segment_images,
+                           spatial_coherence, within_image_structure)
 
 TINY = dict(data="digits", image_size=32, ndf=8, n_rkhs=64, n_depth=1, batch_size=8, workers=0)
 
@@ -82,3 +83,35 @@ def test_spatial_coherence_on_hand_made_maps():
     assert spatial_coherence(one_hot(halves, 4)) == {"agreement": 0.5, "chance": 0.5}
     soft = torch.tensor([[[[0.6, 0.2]], [[0.4, 0.8]]]])  # (1, 2, 1, 2): argmax 0 then 1
     assert spatial_coherence(soft)["agreement"] == 0.0
+
+
+def test_within_image_structure_tells_image_clusters_from_segments():
+    whole_images = one_hot(np.array([np.zeros((5, 5)), np.ones((5, 5))], dtype=np.int64), 4)
+    assert spatial_coherence(whole_images) == {"agreement": 1.0, "chance": 0.5}
+    assert within_image_structure(whole_images) == {"chance_within_image": 1.0,
+                                                    "components_per_image": 1.0}
+    halves = np.array([[[0, 0], [1, 1]], [[2, 2], [2, 2]]])  # 2 then 1 components
+    assert within_image_structure(one_hot(halves, 3)) == {"chance_within_image": 0.75,
+                                                          "components_per_image": 1.5}
+
+
+def test_compare_maps_draws_a_row_per_model(tmp_path):
+    pictures = np.random.default_rng(0).random((3, 32, 32, 3))
+    maps = {"K=4": torch.rand(3, 4, 7, 7), "K=8": torch.rand(3, 8, 5, 5)}
+    compare_maps(pictures, maps, tmp_path / "rows.png")
+    pixels = imread(tmp_path / "rows.png")
+    assert pixels.shape[1] > 1.5 * pixels.shape[0]  # 3 images across, 3 rows down, a legend
+
+
+def test_cli_draws_the_test_images_it_is_given(tmp_path):
+    save_checkpoint(tmp_path / "model.pth", n_mixtures=3)
+    run_cli(tmp_path / "model.pth", "--data", "digits", "--out", tmp_path / "some.png",
+            "--indices", 5, 2, 9)
+    assert imread(tmp_path / "some.png").shape[0] > 300  # three rows of images
+    with pytest.raises(SystemExit, match="--indices must lie in \\[0, 360\\)"):
+        run_cli(tmp_path / "model.pth", "--data", "digits", "--out", tmp_path / "x.png",
+                "--indices", 0, 360)
+    with pytest.raises(SystemExit, match="at least 2 images"):
+        run_cli(tmp_path / "model.pth", "--data", "digits", "--out", tmp_path / "x.png",
+                "--indices", 4)
+    assert not (tmp_path / "x.png").exists()

@@ -40,6 +40,9 @@ def register(subparsers) -> None:
                         help="where torchvision datasets are (default: the checkpoint's)")
     parser.add_argument("--out", required=True, help="PNG to write: one row per image")
     parser.add_argument("--n-images", type=int, default=16, help="test images to draw (>= 2)")
+    parser.add_argument("--indices", type=int, nargs="+", default=None,
+                        help="draw the test images at these indices instead of the first "
+                             "--n-images (>= 2 of them)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:1")
     parser.add_argument("--spatial-coherence", action="store_true",
                         help="print the neighbour agreement of the maps and write it as JSON "
@@ -83,6 +86,20 @@ def spatial_coherence(assignments: torch.Tensor) -> dict[str, float]:
     return {"agreement": same.double().mean().item(), "chance": frequencies.square().sum().item()}
 
 
+def within_image_structure(assignments: torch.Tensor) -> dict[str, float]:
+    """What spatial_coherence's chance level misses when whole images take one component.
+
+    assignments: (B, K, H, W). Returns chance_within_image (the mean over images of
+    sum_j p_bj^2, p_bj the fraction of image b's locations whose argmax is j: the agreement
+    of each image's own labels in random places; an image-level clustering gives 1) and
+    components_per_image (the mean number of distinct components in an image's map)."""
+    labels = assignments.argmax(1).flatten(1)  # (B, K, H, W) -> (B, H*W)
+    counts = F.one_hot(labels, assignments.shape[1]).sum(1).double()  # (B, K)
+    frequencies = counts / labels.shape[1]
+    return {"chance_within_image": frequencies.square().sum(1).mean().item(),
+            "components_per_image": (counts > 0).sum(1).double().mean().item()}
+
+
 def _palette(n_mixtures: int) -> np.ndarray:
     """(K, 3) RGB in [0, 1]: tab10's distinct colours while they last."""
     from matplotlib import colormaps  # only when drawing: training needs no matplotlib
@@ -106,25 +123,49 @@ def overlays(pictures: np.ndarray, posterior: torch.Tensor) -> np.ndarray:
     return (1 - OVERLAY_OPACITY) * pictures + OVERLAY_OPACITY * colours
 
 
-def _write_grid(pictures: np.ndarray, maps: dict[str, torch.Tensor], out: Path) -> None:
-    columns = [("image", pictures), ("7x7 (r7)", overlays(pictures, maps["r7"])),
-               ("5x5 (r5)", overlays(pictures, maps["r5"]))]
-    n_images, n_mixtures = len(pictures), maps["r7"].shape[1]
+def _draw(panels: list[list[np.ndarray]], titles: list[str], row_labels: list[str],
+          n_mixtures: int, out: Path) -> None:
+    """A grid of (S, S, 3) panels, column titles over the first row, a label left of each
+    row, and a legend of the K component colours."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
+    n_rows, n_cols = len(panels), len(panels[0])
     # a bare Figure renders with the Agg canvas: no pyplot, no global backend switch
-    figure = Figure(figsize=(1.6 * len(columns), 1.6 * n_images + 0.6))
-    axes = figure.subplots(n_images, len(columns), squeeze=False)
-    for row in range(n_images):
-        for col, (title, panel) in enumerate(columns):
-            axes[row, col].imshow(panel[row].clip(0, 1), interpolation="nearest")
-            axes[row, col].set_axis_off()
-            if row == 0:
-                axes[row, col].set_title(title, fontsize=8)
+    figure = Figure(figsize=(1.6 * n_cols, 1.6 * n_rows + 0.4), layout="constrained")
+    axes = figure.subplots(n_rows, n_cols, squeeze=False)
+    for row in range(n_rows):
+        for col in range(n_cols):
+            axes[row, col].imshow(panels[row][col].clip(0, 1), interpolation="nearest")
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+            axes[row, col].spines[:].set_visible(False)
+            if row == 0 and titles[col]:
+                axes[row, col].set_title(titles[col], fontsize=8)
+        if row_labels[row]:
+            axes[row, 0].set_ylabel(row_labels[row].replace(", ", "\n"), fontsize=9)
     handles = [Patch(color=c, label=f"component {j}") for j, c in enumerate(_palette(n_mixtures))]
-    figure.legend(handles=handles, loc="lower center", ncol=min(n_mixtures, 4), fontsize=6)
+    figure.legend(handles=handles, loc="outside lower center", ncol=min(n_mixtures, 8),
+                  fontsize=8)
     figure.savefig(out, dpi=100, bbox_inches="tight")
+
+
+def _write_grid(pictures: np.ndarray, maps: dict[str, torch.Tensor], out: Path) -> None:
+    """One row per image: the image, its 7x7 map and its 5x5 map."""
+    columns = [pictures, overlays(pictures, maps["r7"]), overlays(pictures, maps["r5"])]
+    panels = [[column[row] for column in columns] for row in range(len(pictures))]
+    _draw(panels, ["image", "7x7 (r7)", "5x5 (r5)"], [""] * len(pictures),
+          maps["r7"].shape[1], out)
+
+
+def compare_maps(pictures: np.ndarray, maps: dict[str, torch.Tensor], out: str | os.PathLike
+                 ) -> None:
+    """One column per image, one row per model: the images, then each model's map.
+
+    pictures: (B, S, S, 3) in [0, 1]; maps: model label -> posterior (B, K_m, h, w)."""
+    rows = [pictures] + [overlays(pictures, posterior) for posterior in maps.values()]
+    _draw([list(row) for row in rows], [""] * len(pictures), ["image", *maps],
+          max(posterior.shape[1] for posterior in maps.values()), Path(out))
 
 
 @torch.no_grad()
@@ -162,13 +203,20 @@ def segment_images(encoder: Encoder, head: MixtureHead, images: torch.Tensor,
     return {name: spatial_coherence(maps[name]) for name in ("r7", "r5")}
 
 
-def _test_images(cfg: PretrainConfig, n_images: int) -> tuple[torch.Tensor, tuple, tuple]:
-    """The first n images of the test set, (n, 3, S, S) normalised, and (mean, std)."""
+def _test_images(cfg: PretrainConfig, n_images: int, indices: list[int] | None = None
+                 ) -> tuple[torch.Tensor, tuple, tuple]:
+    """The first n images of the test set (or those at `indices`), (n, 3, S, S) normalised,
+    and (mean, std)."""
     train, test, _ = build_datasets(cfg)
     if test is None:
         log.warning("%s has no test split; drawing augmented views of training images", cfg.data)
     dataset = test if test is not None else train
-    items = [dataset[i][0] for i in range(min(n_images, len(dataset)))]
+    if indices is None:
+        indices = range(min(n_images, len(dataset)))
+    elif not all(0 <= i < len(dataset) for i in indices):
+        raise ValueError(f"--indices must lie in [0, {len(dataset)}), the test set's size; "
+                         f"got {sorted(indices)}")
+    items = [dataset[i][0] for i in indices]
     images = torch.stack([item[0] if isinstance(item, tuple) else item for item in items])
     return images, *normalisation(cfg.data)
 
@@ -184,8 +232,9 @@ def main(args: argparse.Namespace) -> None:
 
 
 def _segment(args: argparse.Namespace) -> None:
-    if args.n_images < 2:
-        raise SystemExit(f"--n-images must be at least 2 (got {args.n_images}): the other "
+    n_images = len(args.indices) if args.indices is not None else args.n_images
+    if n_images < 2:
+        raise SystemExit(f"amdim segment: draw at least 2 images (got {n_images}): the other "
                          "images are the negatives that the posterior is computed against")
     encoder, head, cfg = load_mixture_model(args.checkpoint)
     device = resolve_device(args.device)
@@ -193,7 +242,7 @@ def _segment(args: argparse.Namespace) -> None:
     head.to(device)
     overrides = {k: v for k, v in (("data", args.data), ("data_root", args.data_root)) if v}
     cfg = PretrainConfig.from_dict({**cfg.to_dict(), **overrides})
-    images, mean, std = _test_images(cfg, args.n_images)
+    images, mean, std = _test_images(cfg, args.n_images, args.indices)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     coherence = segment_images(encoder, head, images, mean, std, args.out, cfg.tclip,
                                cfg.mixture_entropy)
