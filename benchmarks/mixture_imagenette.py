@@ -29,6 +29,7 @@ from amdim.config import PretrainConfig, add_config_flags, config_from_args
 from amdim.data import build_datasets, normalisation
 from amdim.evaluate import EvaluationConfig, evaluate_checkpoint
 from amdim.model import AMDIM
+from amdim.nce import nce_log_probs
 from amdim.segment import (compare_maps, load_mixture_model, pictures, posterior_maps,
                            spatial_coherence, within_image_structure)
 from amdim.train import pretrain
@@ -86,16 +87,53 @@ def random_model(cfg: PretrainConfig, n_mixtures: int, n_classes: int):
     return model.encoder.eval(), model.mixture_head.eval()
 
 
-def structure(encoder, head, images: torch.Tensor, alpha: float, batch_size: int) -> dict:
+def centre_contrast(maps: torch.Tensor) -> dict[str, float]:
+    """A figure/ground proxy (Imagenette's objects mostly fill the middle of the picture): how
+    much more often border locations than the 3x3 centre leave the centre's most common
+    component. `shuffled`: the same for each map's own labels put in random places (what no
+    spatial structure gives; not 0, as the centre's mode is picked from the centre).
+
+    maps: (B, K, H, W) posterior."""
+    labels = maps.argmax(1).flatten(1)  # (B, K, H, W) -> (B, H*W)
+    size = maps.shape[-1]
+    centre = torch.zeros(size, size, dtype=torch.bool)
+    centre[size // 2 - 1:size // 2 + 2, size // 2 - 1:size // 2 + 2] = True
+    centre = centre.flatten()
+
+    def contrast(labels: torch.Tensor) -> float:
+        mode = labels[:, centre].mode(1).values[:, None]  # (B, 1)
+        leave = labels != mode
+        return (leave[:, ~centre].double().mean() - leave[:, centre].double().mean()).item()
+
+    generator = torch.Generator().manual_seed(PICTURE_SEED)
+    places = torch.rand(labels.shape, generator=generator).argsort(1)
+    return {"contrast": contrast(labels), "shuffled": contrast(labels.gather(1, places))}
+
+
+@torch.no_grad()
+def structure(encoder, head, images: torch.Tensor, alpha: float, batch_size: int,
+              tclip: float) -> dict:
     """Spatial structure of the posterior over every image, batch by batch (the other images of
-    a batch are its NCE negatives, as in training)."""
-    batches = [posterior_maps(encoder, head, images[i:i + batch_size], alpha=alpha)
-               for i in range(0, len(images), batch_size)]
+    a batch are its NCE negatives, as in training), and how decisively the components differ:
+    score_gap_nats, the mean over locations of the NCE log-probability of the component that
+    predicts the location best minus that of the worst (0: identical components)."""
+    maps, gaps = {"r7": [], "r5": []}, {"r7": [], "r5": []}
+    for start in range(0, len(images), batch_size):
+        features = encoder(images[start:start + batch_size])
+        sources = head(features.r1.flatten(1))  # (B, D) -> (B, K, D)
+        for name in maps:
+            target = getattr(features, name)
+            log_prob, _ = nce_log_probs(sources, target, tclip)  # (B, K, H*W)
+            maps[name].append(torch.softmax(log_prob / alpha, 1).view(*log_prob.shape[:2],
+                                                                     *target.shape[2:]))
+            gaps[name].append(log_prob.amax(1) - log_prob.amin(1))
     report = {}
-    for name in ("r7", "r5"):
-        maps = torch.cat([batch[name] for batch in batches])
-        usage = torch.bincount(maps.argmax(1).flatten(), minlength=maps.shape[1])
-        report[name] = {**spatial_coherence(maps), **within_image_structure(maps),
+    for name in maps:
+        posterior = torch.cat(maps[name])
+        usage = torch.bincount(posterior.argmax(1).flatten(), minlength=posterior.shape[1])
+        report[name] = {**spatial_coherence(posterior), **within_image_structure(posterior),
+                        "score_gap_nats": torch.cat(gaps[name]).mean().item(),
+                        "centre_contrast": centre_contrast(posterior),
                         "usage": (usage / usage.sum()).tolist()}
     return report
 
@@ -146,7 +184,7 @@ def report(args: argparse.Namespace) -> None:
     for label, (encoder, head, alpha) in models.items():
         print(f"posterior of {label}", flush=True)
         entry = results["runs"][label] if label in RUNS else results["controls"].setdefault(label, {})
-        entry["structure"] = structure(encoder, head, images, alpha, cfg.batch_size)
+        entry["structure"] = structure(encoder, head, images, alpha, cfg.batch_size, cfg.tclip)
         maps[label] = posterior_maps(encoder, head, shown_images, alpha=alpha)
     picture_rows = {(f"K={RUNS[label][0]}, alpha={RUNS[label][1]:g}"
                      + (f", head init {RUNS[label][2]:g}x" if label.endswith("init1") else "")
