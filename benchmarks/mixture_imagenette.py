@@ -1,12 +1,12 @@
 """Segmentation from mixture representations on real photographs (paper section 3.7).
 
-Pretrains the imagenette-cpu model (64 px) on Imagenette for 12 epochs under each setting of
-RUNS, then reports the linear probe, the spatial coherence of the mixture posterior against
-chance, K = 1 and random init, and draws the posterior over 16 fixed validation images.
+Pretrains the imagenette-cpu model (64 px) on Imagenette for 12 epochs (one setting 24) under
+each setting of RUNS, then reports the linear probe, the spatial coherence of the mixture
+posterior against chance, K = 1 and random init, and draws the posterior over 16 fixed validation images.
 
     # one queue per core (each run uses one core; a queue runs its settings in turn)
     taskset -c 0 python benchmarks/mixture_imagenette.py train k4-a0.1 k4-a1 k4-a0.3-init1
-    taskset -c 1 python benchmarks/mixture_imagenette.py train k4-a0.3 k1 k8-a0.3
+    taskset -c 1 python benchmarks/mixture_imagenette.py train k4-a0.3 k1 k8-a0.3 k4-a0.3-24ep
     python benchmarks/mixture_imagenette.py report \\
         --out benchmarks/results/cpu-imagenette-mixtures.json --docs docs
 """
@@ -33,32 +33,41 @@ from amdim.nce import nce_log_probs
 from amdim.segment import (compare_maps, load_mixture_model, pictures, posterior_maps,
                            spatial_coherence, within_image_structure)
 from amdim.train import pretrain
+from cpu_results import random_init_copy  # benchmarks/, beside this script
 
 DATA = "../shared/data/imagenette128_train.npz"
-# 12 of imagenette-cpu's 40 epochs, its milestones (32, 37) scaled to 12
-COMMON = ["--preset", "imagenette-cpu", "--epochs", "12", "--lr-milestones", "10", "11",
-          "--final-probe"]
-RUNS = {  # name: (K, alpha, output-layer init scale of the mixture head)
-    "k1": (1, 1.0, mixture.OUTPUT_INIT_SCALE),
-    "k4-a0.1": (4, 0.1, mixture.OUTPUT_INIT_SCALE),
-    "k4-a0.3": (4, 0.3, mixture.OUTPUT_INIT_SCALE),
-    "k4-a1": (4, 1.0, mixture.OUTPUT_INIT_SCALE),
-    "k8-a0.3": (8, 0.3, mixture.OUTPUT_INIT_SCALE),
+COMMON = ["--preset", "imagenette-cpu", "--final-probe"]
+INIT = mixture.OUTPUT_INIT_SCALE
+RUNS = {  # name: (K, alpha, output-layer init scale of the mixture head, epochs)
+    "k1": (1, 1.0, INIT, 12),
+    "k4-a0.1": (4, 0.1, INIT, 12),
+    "k4-a0.3": (4, 0.3, INIT, 12),
+    "k4-a1": (4, 1.0, INIT, 12),
+    "k8-a0.3": (8, 0.3, INIT, 12),
     # ablation: the head's output layer at PyTorch's default init instead of 0.1x of it
-    "k4-a0.3-init1": (4, 0.3, 1.0),
+    "k4-a0.3-init1": (4, 0.3, 1.0, 12),
+    # twice the training: does the structure grow with it?
+    "k4-a0.3-24ep": (4, 0.3, INIT, 24),
 }
+# the evaluation of every encoder: the authors' linear and MLP classifiers and kNN on frozen
+# features, in this process (workers + compute threads must not exceed the cores)
+EVALUATION = EvaluationConfig(mode="features", device="cpu", workers=0)
 # the 16 validation images drawn for every run: fixed by this seed before any run finished
 PICTURE_SEED, N_PICTURES = 18, 16
 
 
 def picture_indices(n_val: int) -> list[int]:
     """The validation images to draw, in index order (the set is classes-sorted)."""
-    return sorted(np.random.default_rng(PICTURE_SEED).choice(n_val, N_PICTURES, replace=False).tolist())
+    chosen = np.random.default_rng(PICTURE_SEED).choice(n_val, N_PICTURES, replace=False)
+    return sorted(chosen.tolist())
 
 
 def pretrain_flags(name: str, data: str, root: str) -> list[str]:
-    n_mixtures, alpha, _ = RUNS[name]
-    return COMMON + ["--data", data, "--run-dir", str(Path(root) / name),
+    n_mixtures, alpha, _, epochs = RUNS[name]
+    # imagenette-cpu's 40 epochs and milestones (32, 37), scaled: 12 -> (10, 11), 24 -> (20, 22)
+    milestones = [str(epochs * 5 // 6), str(epochs * 11 // 12)]
+    return COMMON + ["--data", data, "--run-dir", str(Path(root) / name), "--epochs", str(epochs),
+                     "--lr-milestones", *milestones,
                      "--n-mixtures", str(n_mixtures), "--mixture-entropy", str(alpha)]
 
 
@@ -156,7 +165,7 @@ def report(args: argparse.Namespace) -> None:
         encoder, head = random_model(cfg, n_mixtures, n_classes)
         models[f"random init, K={n_mixtures} head"] = (encoder, head, 1.0)
         models[f"K=1 encoder, untrained K={n_mixtures} head"] = (k1_encoder, head, 1.0)
-    for name, (n_mixtures, _, _) in RUNS.items():
+    for name, (n_mixtures, *_) in RUNS.items():
         if n_mixtures > 1:
             encoder, head, saved = load_mixture_model(root / name / "checkpoint.pt")
             models[name] = (encoder, head, saved.mixture_entropy)
@@ -170,24 +179,30 @@ def report(args: argparse.Namespace) -> None:
                                  if k not in ("n_mixtures", "mixture_entropy", "run_dir")},
                "pictures": {"indices": shown, "seed": PICTURE_SEED},
                "structure_images": len(images), "runs": {}, "controls": {}}
-    for name, (n_mixtures, alpha, init_scale) in RUNS.items():
+    for name, (n_mixtures, alpha, init_scale, epochs) in RUNS.items():
         print(f"evaluating {name}", flush=True)
         result = json.loads((root / name / "result.json").read_text())
         evaluation = evaluate_checkpoint(str(root / name / "checkpoint.pt"),
-                                         cfg=EvaluationConfig(mode="features", device="cpu"),
+                                         cfg=EVALUATION,
                                          out=str(root / name / "eval.json"))
         results["runs"][name] = {
             "n_mixtures": n_mixtures, "alpha": alpha if n_mixtures > 1 else None,
-            "head_init_scale": init_scale if n_mixtures > 1 else None,
+            "head_init_scale": init_scale if n_mixtures > 1 else None, "epochs": epochs,
             **{k: result[k] for k in ("command", "wall_s", "final")}, "evaluate": evaluation}
+    # the same architecture at random init (the first control's encoder), evaluated the same way
+    results["controls"]["random init, K=4 head"] = {"evaluate": evaluate_checkpoint(
+        str(random_init_copy(root / "k1" / "checkpoint.pt")),
+        cfg=EVALUATION, out=str(root / "random-init.eval.json"))}
     maps = {}
     for label, (encoder, head, alpha) in models.items():
         print(f"posterior of {label}", flush=True)
-        entry = results["runs"][label] if label in RUNS else results["controls"].setdefault(label, {})
+        entry = (results["runs"][label] if label in RUNS
+                 else results["controls"].setdefault(label, {}))
         entry["structure"] = structure(encoder, head, images, alpha, cfg.batch_size, cfg.tclip)
         maps[label] = posterior_maps(encoder, head, shown_images, alpha=alpha)
     picture_rows = {(f"K={RUNS[label][0]}, alpha={RUNS[label][1]:g}"
-                     + (f", head init {RUNS[label][2]:g}x" if label.endswith("init1") else "")
+                     + (f", head init {RUNS[label][2]:g}x" if RUNS[label][2] != INIT else "")
+                     + (f", {RUNS[label][3]} epochs" if RUNS[label][3] != 12 else "")
                      if label in RUNS else label): posterior
                     for label, posterior in maps.items() if "K=8" not in label or label in RUNS}
     docs = Path(args.docs)
