@@ -141,7 +141,11 @@ def structure(encoder, head, images: torch.Tensor, alpha: float, batch_size: int
     for name in maps:
         posterior = torch.cat(maps[name])
         usage = torch.bincount(posterior.argmax(1).flatten(), minlength=posterior.shape[1])
-        report[name] = {**spatial_coherence(posterior), **within_image_structure(posterior),
+        coherence, within = spatial_coherence(posterior), within_image_structure(posterior)
+        # agreement above the within-image chance, as a fraction of the most there is to gain
+        kappa = ((coherence["agreement"] - within["chance_within_image"])
+                 / (1 - within["chance_within_image"]))
+        report[name] = {**coherence, **within, "kappa_within_image": kappa,
                         "score_gap_nats": torch.cat(gaps[name]).mean().item(),
                         "centre_contrast": centre_contrast(posterior),
                         "usage": (usage / usage.sum()).tolist()}
@@ -213,7 +217,7 @@ def report(args: argparse.Namespace) -> None:
     drawn = pictures(shown_images, *normalisation(cfg.data)).numpy()
     for scale in ("r7", "r5"):
         compare_maps(drawn, {label: m[scale] for label, m in picture_rows.items()},
-                     docs / f"mixtures-imagenette-{scale}.png")
+                     docs / f"mixtures-imagenette-{scale}.png", dpi=64)  # 64 px images
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out} and {docs}/mixtures-imagenette-r7.png, -r5.png")
 

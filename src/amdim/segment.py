@@ -124,7 +124,7 @@ def overlays(pictures: np.ndarray, posterior: torch.Tensor) -> np.ndarray:
 
 
 def _draw(panels: list[list[np.ndarray]], titles: list[str], row_labels: list[str],
-          n_mixtures: int, out: Path) -> None:
+          n_mixtures: int, out: Path, dpi: int = 100) -> None:
     """A grid of (S, S, 3) panels, column titles over the first row, a label left of each
     row, and a legend of the K component colours."""
     from matplotlib.figure import Figure
@@ -147,7 +147,7 @@ def _draw(panels: list[list[np.ndarray]], titles: list[str], row_labels: list[st
     handles = [Patch(color=c, label=f"component {j}") for j, c in enumerate(_palette(n_mixtures))]
     figure.legend(handles=handles, loc="outside lower center", ncol=min(n_mixtures, 8),
                   fontsize=8)
-    figure.savefig(out, dpi=100, bbox_inches="tight")
+    figure.savefig(out, dpi=dpi, bbox_inches="tight")
 
 
 def _write_grid(pictures: np.ndarray, maps: dict[str, torch.Tensor], out: Path) -> None:
@@ -158,14 +158,14 @@ def _write_grid(pictures: np.ndarray, maps: dict[str, torch.Tensor], out: Path) 
           maps["r7"].shape[1], out)
 
 
-def compare_maps(pictures: np.ndarray, maps: dict[str, torch.Tensor], out: str | os.PathLike
-                 ) -> None:
+def compare_maps(pictures: np.ndarray, maps: dict[str, torch.Tensor], out: str | os.PathLike,
+                 dpi: int = 100) -> None:
     """One column per image, one row per model: the images, then each model's map.
 
     pictures: (B, S, S, 3) in [0, 1]; maps: model label -> posterior (B, K_m, h, w)."""
     rows = [pictures] + [overlays(pictures, posterior) for posterior in maps.values()]
     _draw([list(row) for row in rows], [""] * len(pictures), ["image", *maps],
-          max(posterior.shape[1] for posterior in maps.values()), Path(out))
+          max(posterior.shape[1] for posterior in maps.values()), Path(out), dpi)
 
 
 @torch.no_grad()
