@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -72,6 +73,12 @@ def pretrain_flags(name: str, data: str, root: str) -> list[str]:
                      "--n-mixtures", str(n_mixtures), "--mixture-entropy", str(alpha)]
 
 
+def commit() -> str:
+    """The checkout's commit ("" outside git)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
+                          capture_output=True).stdout.strip()
+
+
 def train(args: argparse.Namespace) -> None:
     for name in args.names:
         flags = pretrain_flags(name, args.data, args.root)
@@ -82,7 +89,7 @@ def train(args: argparse.Namespace) -> None:
         mixture.OUTPUT_INIT_SCALE = RUNS[name][2]  # read when the head is built
         start = time.perf_counter()
         metrics = pretrain(cfg)
-        result = {"name": name, "head_init_scale": RUNS[name][2],
+        result = {"name": name, "head_init_scale": RUNS[name][2], "commit": commit(),
                   "command": "amdim pretrain " + " ".join(flags),
                   "wall_s": round(time.perf_counter() - start, 1), "final": metrics}
         (Path(cfg.run_dir) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -177,11 +184,11 @@ def report(args: argparse.Namespace) -> None:
             encoder, head, saved = load_mixture_model(root / name / "checkpoint.pt")
             models[name] = (encoder, head, saved.mixture_entropy)
     results = {"command": "python benchmarks/mixture_imagenette.py report "
-                          + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "func"),
+                          + " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in vars(args).items()
+                                    if k != "func" and v),
                "machine": f"{platform.processor() or platform.machine()}, "
                           f"{len(os.sched_getaffinity(0))} usable cores, torch {torch.__version__}",
-               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                        capture_output=True).stdout.strip(),
+               "commit": commit(), "note": args.note,
                "common_config": {k: v for k, v in cfg.to_dict().items()
                                  if k not in ("n_mixtures", "mixture_entropy", "run_dir")},
                "pictures": {"indices": shown, "seed": PICTURE_SEED},
@@ -195,7 +202,8 @@ def report(args: argparse.Namespace) -> None:
         results["runs"][name] = {
             "n_mixtures": n_mixtures, "alpha": alpha if n_mixtures > 1 else None,
             "head_init_scale": init_scale if n_mixtures > 1 else None, "epochs": epochs,
-            **{k: result[k] for k in ("command", "wall_s", "final")}, "evaluate": evaluation}
+            **{k: result.get(k) for k in ("command", "commit", "wall_s", "final")},
+            "evaluate": evaluation}
     # the same architecture at random init (the first control's encoder), evaluated the same way
     results["controls"]["random init, K=4 head"] = {"evaluate": evaluate_checkpoint(
         str(random_init_copy(root / "k1" / "checkpoint.pt")),
@@ -234,6 +242,7 @@ def main() -> None:
     summary.add_argument("--root", default="runs/mixtures-imagenette")
     summary.add_argument("--out", default="benchmarks/results/cpu-imagenette-mixtures.json")
     summary.add_argument("--docs", default="docs")
+    summary.add_argument("--note", default="", help="anything the JSON should say about the runs")
     summary.set_defaults(func=report)
     args = parser.parse_args()
     args.func(args)
