@@ -73,6 +73,13 @@ def pretrain_flags(name: str, data: str, root: str) -> list[str]:
                      "--n-mixtures", str(n_mixtures), "--mixture-entropy", str(alpha)]
 
 
+def shrink_png(path: Path) -> None:
+    """Rewrite a PNG with a 256-colour palette: a third of the size, for the README."""
+    from PIL import Image
+
+    Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
+
+
 def commit() -> str:
     """The checkout's commit ("" outside git)."""
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
@@ -224,8 +231,10 @@ def report(args: argparse.Namespace) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     drawn = pictures(shown_images, *normalisation(cfg.data)).numpy()
     for scale in ("r7", "r5"):
-        compare_maps(drawn, {label: m[scale] for label, m in picture_rows.items()},
-                     docs / f"mixtures-imagenette-{scale}.png", dpi=64)  # 64 px images
+        path = docs / f"mixtures-imagenette-{scale}.png"
+        compare_maps(drawn, {label: m[scale] for label, m in picture_rows.items()}, path,
+                     dpi=64)  # 64 px images
+        shrink_png(path)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out} and {docs}/mixtures-imagenette-r7.png, -r5.png")
 
