@@ -27,7 +27,7 @@ import torch
 
 from amdim import mixture
 from amdim.checkpoint import load_model
-from amdim.config import PretrainConfig, add_config_flags, config_from_args
+from amdim.config import PretrainConfig, config_from_args
 from amdim.data import build_datasets, normalisation
 from amdim.evaluate import EvaluationConfig, evaluate_checkpoint
 from amdim.model import AMDIM
@@ -35,6 +35,7 @@ from amdim.nce import nce_log_probs
 from amdim.segment import (compare_maps, load_mixture_model, pictures, posterior_maps,
                            spatial_coherence, within_image_structure)
 from amdim.train import pretrain
+from amdim.train import register as register_pretrain
 from cpu_results import random_init_copy  # benchmarks/, beside this script
 
 DATA = "../shared/data/imagenette128_train.npz"
@@ -87,12 +88,11 @@ def commit() -> str:
 
 
 def train(args: argparse.Namespace) -> None:
+    cli = argparse.ArgumentParser(prog="amdim")  # the flags read exactly as `amdim pretrain`
+    register_pretrain(cli.add_subparsers())
     for name in args.names:
         flags = pretrain_flags(name, args.data, args.root)
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--preset")
-        add_config_flags(parser)
-        cfg = config_from_args(parser.parse_args(flags))
+        cfg = config_from_args(cli.parse_args(["pretrain", *flags]))
         mixture.OUTPUT_INIT_SCALE = RUNS[name][2]  # read when the head is built
         start = time.perf_counter()
         metrics = pretrain(cfg)
@@ -182,14 +182,21 @@ def report(args: argparse.Namespace) -> None:
     shown_images = torch.stack([test[i][0] for i in shown])
     k1_encoder = load_model(root / "k1" / "checkpoint.pt")[0]
     models = {}  # label -> (encoder, head, alpha): the controls, then the mixture runs
+    drawn_as = {}  # label -> its row title in the figure (the K=4 controls and every run)
     for n_mixtures in (4, 8):
         encoder, head = random_model(cfg, n_mixtures, n_classes)
-        models[f"random init, K={n_mixtures} head"] = (encoder, head, 1.0)
-        models[f"K=1 encoder, untrained K={n_mixtures} head"] = (k1_encoder, head, 1.0)
-    for name, (n_mixtures, *_) in finished.items():
+        for label, model_encoder in ((f"random init, K={n_mixtures} head", encoder),
+                                     (f"K=1 encoder, untrained K={n_mixtures} head", k1_encoder)):
+            models[label] = (model_encoder, head, 1.0)
+            if n_mixtures == 4:
+                drawn_as[label] = label
+    for name, (n_mixtures, alpha, init_scale, epochs) in finished.items():
         if n_mixtures > 1:
             encoder, head, saved = load_mixture_model(root / name / "checkpoint.pt")
             models[name] = (encoder, head, saved.mixture_entropy)
+            drawn_as[name] = (f"K={n_mixtures}, alpha={alpha:g}"
+                              + (f", head init {init_scale:g}x" if init_scale != INIT else "")
+                              + (f", {epochs} epochs" if epochs != 12 else ""))
     results = {"command": "python benchmarks/mixture_imagenette.py report "
                           + " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in vars(args).items()
                                     if k != "func" and v),
@@ -222,17 +229,12 @@ def report(args: argparse.Namespace) -> None:
                  else results["controls"].setdefault(label, {}))
         entry["structure"] = structure(encoder, head, images, alpha, cfg.batch_size, cfg.tclip)
         maps[label] = posterior_maps(encoder, head, shown_images, alpha=alpha)
-    picture_rows = {(f"K={RUNS[label][0]}, alpha={RUNS[label][1]:g}"
-                     + (f", head init {RUNS[label][2]:g}x" if RUNS[label][2] != INIT else "")
-                     + (f", {RUNS[label][3]} epochs" if RUNS[label][3] != 12 else "")
-                     if label in RUNS else label): posterior
-                    for label, posterior in maps.items() if "K=8" not in label or label in RUNS}
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     drawn = pictures(shown_images, *normalisation(cfg.data)).numpy()
     for scale in ("r7", "r5"):
         path = docs / f"mixtures-imagenette-{scale}.png"
-        compare_maps(drawn, {label: m[scale] for label, m in picture_rows.items()}, path,
+        compare_maps(drawn, {title: maps[label][scale] for label, title in drawn_as.items()}, path,
                      dpi=64)  # 64 px images
         shrink_png(path)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
