@@ -32,11 +32,19 @@ from .config import (PRESETS, PretrainConfig, native_bf16, preset, resolve_devic
 from .data import DataError, normalisation
 from .model import AMDIM
 from .tensor_data import TrainBatches, load_npz
-from .step import TrainingStep
+from .step import TrainingStep, configure_device
 
-H100_BF16_DENSE = 989e12  # FLOP/s: H100 SXM bf16 dense tensor-core peak (no sparsity)
+# bf16 dense tensor-core peaks (FLOP/s, no sparsity) from the vendor's data sheets, by a part
+# of the device's name, most specific first: the default peak for MFU on that device
+BF16_DENSE_PEAKS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+                    ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12))
 N_CLASSES = 10  # outputs of the online probes timed with the step (their cost is tiny)
 log = logging.getLogger(__name__)
+
+
+def peak_flops_for(device_name: str) -> float | None:
+    """The bf16 dense peak of a device from its name, or None for a device not listed."""
+    return next((peak for part, peak in BF16_DENSE_PEAKS if part in device_name), None)
 
 
 def _synchronise(device: torch.device) -> None:
@@ -87,6 +95,7 @@ def benchmark(cfg: PretrainConfig, device: torch.device, steps: int = 20, warmup
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps}, {warmup}")
     torch.manual_seed(cfg.seed)
+    configure_device(device)  # TF32 and autotuned convolutions, as pretraining runs
     batch, size = cfg.batch_size, cfg.image_size
     step = _model_step(cfg, device, compile)
     inputs = [torch.randn(batch, 3, size, size, device=device) for _ in range(2)]
@@ -95,13 +104,18 @@ def benchmark(cfg: PretrainConfig, device: torch.device, steps: int = 20, warmup
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     log.info("timing %d training steps (after %d warm-up steps) on %s", steps, warmup, device)
-    step_s = _timed(lambda: step(*inputs, cfg.lr), steps, warmup, device)
+    start = time.perf_counter()  # the first step alone: with compile, mostly compilation
+    step(*inputs, cfg.lr)
+    _synchronise(device)
+    first_step_s = time.perf_counter() - start
+    step_s = _timed(lambda: step(*inputs, cfg.lr), steps, max(warmup - 1, 0), device)
     results = {
         "preset": None, "device": _device_name(device), "torch": torch.__version__,
         "backbone": cfg.backbone, "encoder_parameters": sum(  # trained ones only
             p.numel() for p in step.model.encoder.parameters() if p.requires_grad),
         "batch_size": batch, "image_size": size, "precision": cfg.precision,
         "compile": compile, "channels_last": cfg.channels_last, "steps": steps, "warmup": warmup,
+        "first_step_s": first_step_s,
         "train_step_ms": 1e3 * step_s, "train_images_per_s": batch / step_s,
         "flop_per_image": flop_per_image, "achieved_flop_per_s": flop_per_image * batch / step_s,
         "peak_flop_per_s": peak_flops, "mfu": None,
@@ -170,8 +184,12 @@ def run(args: argparse.Namespace) -> dict:
     cfg = resolve_runtime(preset(args.preset, **overrides), device, "device")
     torch.set_num_threads(cfg.threads)
     compile = device.type == "cuda" if args.compile is None else args.compile
-    peak = args.peak_flops if args.peak_flops is not None else (
-        H100_BF16_DENSE if device.type == "cuda" else None)
+    peak = args.peak_flops
+    if peak is None and device.type == "cuda":
+        peak = peak_flops_for(_device_name(device))
+        if peak is None:
+            log.warning("no known bf16 peak for %s: give --peak-flops for MFU",
+                        _device_name(device))
     if not args.compare:
         results = {**benchmark(cfg, device, args.steps, args.warmup, compile, args.data, peak),
                    "preset": args.preset}
@@ -239,8 +257,9 @@ def register(subparsers) -> None:
                         help="also time end to end on this .npz dataset, held on the device")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     parser.add_argument("--peak-flops", type=float,
-                        help="peak FLOP/s for MFU (default: 989e12, H100 SXM bf16 dense, on "
-                             "CUDA; no MFU on CPU)")
+                        help="peak FLOP/s for MFU (default on CUDA: the bf16 dense peak of "
+                             "the device's name, e.g. 989e12 for an H100 SXM or H200; no MFU "
+                             "on CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", metavar="JSON", help="also write the results to this file")
     parser.set_defaults(func=_run)

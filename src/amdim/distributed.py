@@ -20,6 +20,9 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 log = logging.getLogger("amdim")
+# all_gather_single is torch 2.13+; all_gather_tensor (2.11-2.12, the GPU image's 2.11) is the
+# same collective, deprecated with a warning from 2.13 on
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 _features_group = None  # our collectives inside the model's backward: kept apart from DDP's
 
 
@@ -59,7 +62,7 @@ class _Gather(torch.autograd.Function):
         ctx.rank, ctx.world_size = dist.get_rank(), dist.get_world_size()
         # contiguous in and out: a channels-last (b, C, H, W) map is gathered in its logical
         # layout, as (N*b, C, H, W) NCHW
-        gathered = funcol.all_gather_single(tensor.contiguous(), 0, _features_group)
+        gathered = _all_gather(tensor.contiguous(), 0, _features_group)
         return funcol.wait_tensor(gathered)
 
     @staticmethod

@@ -21,6 +21,14 @@ SUMS = NCE_TERMS + ("loss", "probe_loss", "correct_linear", "correct_mlp", "n_la
 LOSSES = SUMS[:len(NCE_TERMS) + 2]
 
 
+def configure_device(device: torch.device) -> None:
+    """What every training step on CUDA runs with (pretraining and its benchmark alike): TF32
+    matmuls for any fp32 work, autotuned convolutions (the shapes never change in a run)."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.benchmark = True
+
+
 def autocast_for(precision: str, device: torch.device) -> Callable:
     """A factory of the autocast context of `precision` (a no-op for fp32)."""
     if precision == "fp32":

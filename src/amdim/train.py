@@ -31,7 +31,7 @@ from .paired import build_view_datasets
 from .run_folder import (CHECKPOINT, EXIT_CODES, StopOnSignal, TrainingError,  # noqa: F401
                          check_same_run, explain_out_of_memory, keep_files_of_lost_run,
                          keep_metrics_until, locked)
-from .step import LOSSES, NCE_TERMS, EpochSums, TrainingStep, autocast_for
+from .step import LOSSES, NCE_TERMS, EpochSums, TrainingStep, autocast_for, configure_device
 
 log = logging.getLogger("amdim")
 
@@ -104,9 +104,7 @@ class Pretraining:
         if cfg.batch_size % self.world_size:
             raise TrainingError(f"batch_size {cfg.batch_size} (the global batch) must be "
                                 f"divisible by the {self.world_size} processes")
-        if self.device.type == "cuda":  # TF32 matmuls, autotuned convolutions
-            torch.set_float32_matmul_precision("high")
-            torch.backends.cudnn.benchmark = True
+        configure_device(self.device)
         # the data path absolute: other spellings and working folders name the same data
         self.cfg, self.run_dir = replace(cfg, data=resolved_data(cfg.data)), Path(cfg.run_dir)
         self.path = self.run_dir / CHECKPOINT
