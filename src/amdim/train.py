@@ -317,7 +317,8 @@ class Pretraining:
         steps = max(values["steps"], 1)
         metrics = {"epoch": self.epoch + 1, "step": self.step,
                    "lr": self.train_step.optimiser.param_groups[0]["lr"],
-                   **{k: values[k] / steps for k in LOSSES}, "images_per_s": self.images_per_s}
+                   **{k: values[k] / steps for k in LOSSES}, "images_per_s": self.images_per_s,
+                   "wall_s": time.perf_counter() - self.started}  # this process, start-up in
         self.skipped_batches += skipped
         if self.skipped_batches:
             metrics["skipped_batches"] = self.skipped_batches
