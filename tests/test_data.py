@@ -229,7 +229,8 @@ def write_modes(folder):
     Image.new("CMYK", (9, 7), (0, 0, 0, 0)).save(folder / "cmyk.jpg", quality=100)
     deep = np.full((7, 9), 32896, np.uint16)  # 32896 / 257 = 128 exactly
     Image.fromarray(deep).save(folder / "deep.png")  # I;16
-    Image.fromarray(deep).save(folder / "deep.pgm")  # Pillow reads 16-bit PGM as "I"
+    # a 16-bit PGM (Pillow reads it as "I"), written from mode I: Pillow < 11 writes no I;16 PGM
+    Image.fromarray(deep.astype(np.int32), "I").save(folder / "deep.pgm")
     return {"gray.png": (100,) * 3, "palette.png": (10, 200, 30), "rgba.png": (255, 0, 0),
             "cmyk.tif": (255, 0, 0), "cmyk.jpg": (255, 255, 255), "deep.png": (128,) * 3,
             "deep.pgm": (128,) * 3}
