@@ -1,5 +1,5 @@
 """Which images form each pretraining batch, and the seed of each random stream: one rule for
-both data paths (batches.EpochBatches for the DataLoader, tensor_data.TrainBatches on the
+both data paths (batches.EpochBatches for the DataLoader, batches.TrainBatches on the
 device).
 
 Every draw is a function of the run's seed and integer keys alone: the order of epoch e from

@@ -1,19 +1,21 @@
-"""Batches of two views for pretraining: the DataLoader path and the choice of data path.
+"""Batches of two views for pretraining, on both data paths, in the order batch_order draws.
 
-path "device": uint8 images cached on the training device once, views built there in batches
-(tensor_data, batch_views); "loader": DataLoader workers run the PIL augmentation (views).
+"loader": DataLoader workers run the per-image views of the dataset (LoaderBatches);
+"device": the views of each batch are built on the device from an ImageCache (TrainBatches;
+EvalBatches for the deterministic test transform). Which views: the caller's (a views
+callable; training.inputs passes views.batch_views.BatchViews / BatchEvaluation).
 """
 from __future__ import annotations
 
-import numpy as np
+from typing import Callable, Iterator
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..config import PretrainConfig
 from .batch_order import batch_indices, derive_seed
-from .batch_views import BatchEvaluation, BatchViews
-from .config import PretrainConfig
-from .data import DataError, normalisation
-from .tensor_data import EvalBatches, TrainBatches, cache_dataset, fits_in_memory
+from .device_images import ImageCache
+from .image_files import DataError
 
 
 class EpochBatches(Sampler[list[tuple[int, int, int]]]):
@@ -56,7 +58,7 @@ class SeededBatches(Dataset):
 
 class LoaderBatches:
     """((view1, view2), labels) batches from DataLoader workers running the PIL augmentation:
-    any dataset size. Same interface as tensor_data.TrainBatches."""
+    any dataset size. Same interface as TrainBatches."""
 
     def __init__(self, dataset: Dataset, cfg: PretrainConfig, device: torch.device, rank: int,
                  world_size: int):
@@ -79,50 +81,60 @@ class LoaderBatches:
                                generator=torch.Generator().manual_seed(cfg.seed)))
 
 
-def stored_size(dataset: Dataset) -> tuple[int, int] | None:
-    """(height, width) shared by every image of an in-memory set (digits, .npz, torchvision's
-    CIFAR and STL-10), or None (image folders: sizes unknown until decoded)."""
-    pixels = getattr(dataset, "images", getattr(dataset, "data", None))
-    if not isinstance(pixels, np.ndarray) or pixels.ndim != 4:
-        return None
-    # (N, H, W, 3) for digits, npz and CIFAR; (N, 3, H, W) for STL-10
-    return tuple(pixels.shape[1:3]) if pixels.shape[3] == 3 else tuple(pixels.shape[2:4])
+class TrainBatches:
+    """Shuffled full batches ((view1, view2), labels) of an ImageCache, views built on its
+    device; which images and which random draws follow batch_order. Under distributed
+    training every rank holds the whole cache and takes its slice of each global batch of
+    batch_size images. Iterating again goes on where the last iteration stopped: the next
+    epoch after a whole one."""
+
+    def __init__(self, cache: ImageCache, views: Callable, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size < 1 or batch_size % world_size or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1 divisible by world_size and 0 <= rank < "
+                             f"world_size; got {batch_size}, {rank}, {world_size}")
+        if len(cache) < batch_size:
+            raise DataError(f"the dataset has {len(cache)} images, fewer than one batch of "
+                            f"{batch_size}: lower the batch size")
+        self.cache, self.views, self.batch_size = cache, views, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.batch = 0, 0
+        self.generator = torch.Generator(device=cache.images.device)
+
+    def __len__(self) -> int:
+        return len(self.cache) // self.batch_size
+
+    def set_epoch(self, epoch: int, batch: int = 0) -> None:
+        """Serve epoch `epoch` next, starting after its first `batch` batches."""
+        if epoch < 0 or not 0 <= batch <= len(self):
+            raise ValueError(f"need epoch >= 0 and 0 <= batch <= {len(self)}, got {epoch}, {batch}")
+        self.epoch, self.batch = (epoch + 1, 0) if batch == len(self) else (epoch, batch)
+
+    def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        epoch, start, images = self.epoch, self.batch, self.cache.images
+        # (batches, batch_size // world_size), copied to the device once per epoch
+        rows = batch_indices(len(images), self.batch_size, self.seed, epoch, self.rank,
+                             self.world_size).to(images.device)
+        for k in range(start, len(rows)):
+            self.generator.manual_seed(derive_seed(self.seed, epoch, k, self.rank))
+            views = self.views(images[rows[k]], self.generator)
+            self.set_epoch(epoch, k + 1)  # so that iterating again goes on after this batch
+            yield views, self.cache.labels[rows[k]]
 
 
-def choose_data_path(cfg: PretrainConfig, train_set: Dataset, device: torch.device) -> str:
-    """cfg.data_path, with auto resolved: the device path for an in-memory set of one image
-    size whose uint8 copy fits in half the GPU's free memory (a quarter of the available RAM on a
-    CPU), else the loader."""
-    if cfg.data_path != "auto":
-        return cfg.data_path
-    if cfg.augment in ("randaugment", "trivialaugment"):  # torchvision's PIL policies
-        return "loader"
-    size = stored_size(train_set)
-    fits = size is not None and fits_in_memory(len(train_set), cfg.image_size, device,
-                                               height=size[0], width=size[1])
-    return "device" if fits else "loader"
+class EvalBatches:
+    """Batches (images, labels) of an ImageCache in order, through the deterministic
+    evaluation transform; the last batch may be smaller."""
 
+    def __init__(self, cache: ImageCache, transform: Callable, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.cache, self.transform, self.batch_size = cache, transform, batch_size
 
-def make_batches(cfg: PretrainConfig, path: str, train_set: Dataset, test_set: Dataset | None,
-                 device: torch.device, rank: int, world_size: int):
-    """(training batches, test batches or None) on the data path `path`."""
-    if path == "device":
-        stats = normalisation(cfg.data)
-        try:
-            cache = cache_dataset(train_set, device)
-            test_cache = None if test_set is None else cache_dataset(test_set, device)
-        except MemoryError:
-            raise DataError(f"{cfg.data} does not fit in memory decoded; use --data-path "
-                            "loader") from None
-        views = BatchViews(cfg.image_size, *stats, channels_last=cfg.channels_last,
-                           augment=cfg.augment, seed=cfg.seed)
-        train = TrainBatches(cache, views, cfg.batch_size, seed=cfg.seed, rank=rank,
-                             world_size=world_size)
-        test = None if test_cache is None else EvalBatches(
-            test_cache, BatchEvaluation(cfg.image_size, *stats), cfg.batch_size)
-        return train, test
-    train = LoaderBatches(train_set, cfg, device, rank, world_size)
-    test = None if test_set is None else DataLoader(  # the whole test set, in order
-        test_set, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
-        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
-    return train, test
+    def __len__(self) -> int:
+        return -(-len(self.cache) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.cache), self.batch_size):
+            stop = start + self.batch_size
+            yield self.transform(self.cache.images[start:stop]), self.cache.labels[start:stop]

@@ -22,11 +22,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
-# DataError and the folder datasets live with the file reading; their users import them from here
-from .images import (IMAGE_EXTENSIONS, DataError, ImageClasses,  # noqa: F401
-                     ImageFiles, skipped_files)
-from .tensor_data import load_npz, npz_first_image
-from .views import TwoViews, evaluation_transform
+from .device_images import load_npz, npz_first_image
+from .image_files import IMAGE_EXTENSIONS, DataError, ImageClasses, ImageFiles
 
 # per-dataset normalisation (mean, std), the authors' values where they give them
 STATS = {
@@ -180,12 +177,12 @@ def _same_classes(train: ImageClasses, test: ImageClasses) -> None:
                         f"{only_test}. Add or remove class folders so that they match")
 
 
-def build_datasets(cfg) -> tuple[Dataset, Dataset | None, int]:
-    """(pretraining set, test set or None, number of classes or 0) for a PretrainConfig."""
+def pretraining_datasets(cfg, views: Callable, test_transform: Callable
+                         ) -> tuple[Dataset, Dataset | None, int]:
+    """(pretraining set, test set or None, number of classes or 0) for a PretrainConfig: the
+    training images through `views` (each item: (views, label)), the test images through
+    `test_transform`."""
     name = cfg.data.lower()
-    stats = normalisation(cfg.data)
-    views = TwoViews(cfg.image_size, *stats, getattr(cfg, "augment", "paper"))
-    test_transform = evaluation_transform(cfg.image_size, *stats)
     if name == "digits":
         train = ArrayImages(*digits("train"), transform=views)
         return train, ArrayImages(*digits("test"), transform=test_transform), 10

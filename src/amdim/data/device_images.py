@@ -1,5 +1,6 @@
-"""The whole dataset in device memory: decoded once into a uint8 tensor, then served as
-shuffled batches of views built on the device (batch_views.py), as airbench does.
+"""The whole dataset in device memory: decoded once into a uint8 tensor (an ImageCache, from
+the compact .npz store or any in-memory dataset), then served as shuffled batches of views
+built on the device (data.batches.TrainBatches with views.batch_views), as airbench does.
 
     cache = load_npz("cifar10_jpeg_train.npz", device)      # or cache_dataset(dataset, device)
     batches = TrainBatches(cache, BatchViews(32, *STATS["cifar10"]), batch_size=200, seed=0)
@@ -22,15 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
-from .batch_order import batch_indices, derive_seed
-from .batch_views import BatchEvaluation, BatchViews
-from .images import WARN_FILES, DataError
+from .image_files import WARN_FILES, DataError
 
 log = logging.getLogger("amdim")
 NPZ_KEYS = ("jpeg", "offsets", "labels")  # required; "classes" is optional
@@ -94,6 +94,16 @@ def fits_in_memory(n_images: int, image_size: int, device: torch.device | str, *
     return cache_bytes(n_images, height or image_size, width or image_size) <= fraction * free
 
 
+def stored_size(dataset: Dataset) -> tuple[int, int] | None:
+    """(height, width) shared by every image of an in-memory set (digits, .npz, torchvision's
+    CIFAR and STL-10), or None (image folders: sizes unknown until decoded)."""
+    pixels = getattr(dataset, "images", getattr(dataset, "data", None))
+    if not isinstance(pixels, np.ndarray) or pixels.ndim != 4:
+        return None
+    # (N, H, W, 3) for digits, npz and CIFAR; (N, 3, H, W) for STL-10
+    return tuple(pixels.shape[1:3]) if pixels.shape[3] == 3 else tuple(pixels.shape[2:4])
+
+
 def _decode_into(out: np.ndarray, labels: np.ndarray, item: Callable[[int], tuple],
                  where: str, workers: int | None) -> None:
     """Fill out (N, 3, H, W) and labels (N,) from item(i) -> (RGB array (H, W, 3), label),
@@ -110,7 +120,7 @@ def _decode_into(out: np.ndarray, labels: np.ndarray, item: Callable[[int], tupl
                 raise DataError(
                     f"{where}: image {i} is {pixels.shape[1]}x{pixels.shape[0]} px but image 0 "
                     f"is {shape[1]}x{shape[0]}; the device cache needs one size for all images: "
-                    "resize them to one size first, or use the DataLoader path (amdim.data)")
+                    "resize them to one size first, or use the DataLoader path (--data-path loader)")
             out[i] = pixels.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
@@ -124,7 +134,7 @@ def _to_device(images: np.ndarray, labels: np.ndarray, device, classes, where: s
     except torch.OutOfMemoryError:
         raise DataError(f"{where}: {images.nbytes / 2**30:.2f} GiB of images do not fit on "
                         f"{device}; check fits_in_memory first, or use the DataLoader path "
-                        "(amdim.data)") from None
+                        "(--data-path loader)") from None
 
 
 def _rgb(image: Image.Image) -> np.ndarray:
@@ -230,7 +240,7 @@ def load_npz(path: str | os.PathLike, device: torch.device | str = "cpu",
 def cache_dataset(dataset, device: torch.device | str = "cpu",
                   workers: int | None = None) -> ImageCache:
     """Decode a map-style dataset of (PIL image or uint8 (H, W, 3) array, label) once into an
-    ImageCache on `device`. A `transform` attribute (torchvision's datasets, amdim.data's) is
+    ImageCache on `device`. A `transform` attribute (torchvision's datasets, data.datasets') is
     bypassed while decoding, so the datasets of data.build_datasets(cfg) can be passed as
     they are. All images must share one size. A dataset that holds its decoded pixels as
     `images` uint8 (N, H, W, 3) and `labels` (N,) (data.ArrayImages: digits, .npz) is copied
@@ -268,62 +278,3 @@ def cache_dataset(dataset, device: torch.device | str = "cpu",
         if has_transform:
             dataset.transform = saved
     return _to_device(images, labels, device, getattr(dataset, "classes", ()), where)
-
-
-class TrainBatches:
-    """Shuffled full batches ((view1, view2), labels) of an ImageCache, views built on its
-    device; which images and which random draws follow batch_order. Under distributed
-    training every rank holds the whole cache and takes its slice of each global batch of
-    batch_size images. Iterating again goes on where the last iteration stopped: the next
-    epoch after a whole one."""
-
-    def __init__(self, cache: ImageCache, views: BatchViews, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        if batch_size < 1 or batch_size % world_size or not 0 <= rank < world_size:
-            raise ValueError(f"need batch_size >= 1 divisible by world_size and 0 <= rank < "
-                             f"world_size; got {batch_size}, {rank}, {world_size}")
-        if len(cache) < batch_size:
-            raise DataError(f"the dataset has {len(cache)} images, fewer than one batch of "
-                            f"{batch_size}: lower the batch size")
-        self.cache, self.views, self.batch_size = cache, views, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.batch = 0, 0
-        self.generator = torch.Generator(device=cache.images.device)
-
-    def __len__(self) -> int:
-        return len(self.cache) // self.batch_size
-
-    def set_epoch(self, epoch: int, batch: int = 0) -> None:
-        """Serve epoch `epoch` next, starting after its first `batch` batches."""
-        if epoch < 0 or not 0 <= batch <= len(self):
-            raise ValueError(f"need epoch >= 0 and 0 <= batch <= {len(self)}, got {epoch}, {batch}")
-        self.epoch, self.batch = (epoch + 1, 0) if batch == len(self) else (epoch, batch)
-
-    def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
-        epoch, start, images = self.epoch, self.batch, self.cache.images
-        # (batches, batch_size // world_size), copied to the device once per epoch
-        rows = batch_indices(len(images), self.batch_size, self.seed, epoch, self.rank,
-                             self.world_size).to(images.device)
-        for k in range(start, len(rows)):
-            self.generator.manual_seed(derive_seed(self.seed, epoch, k, self.rank))
-            views = self.views(images[rows[k]], self.generator)
-            self.set_epoch(epoch, k + 1)  # so that iterating again goes on after this batch
-            yield views, self.cache.labels[rows[k]]
-
-
-class EvalBatches:
-    """Batches (images, labels) of an ImageCache in order, through the deterministic
-    evaluation transform; the last batch may be smaller."""
-
-    def __init__(self, cache: ImageCache, transform: BatchEvaluation, batch_size: int):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.cache, self.transform, self.batch_size = cache, transform, batch_size
-
-    def __len__(self) -> int:
-        return -(-len(self.cache) // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(self.cache), self.batch_size):
-            stop = start + self.batch_size
-            yield self.transform(self.cache.images[start:stop]), self.cache.labels[start:stop]

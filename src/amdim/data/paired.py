@@ -16,12 +16,16 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .data import DataError, _npz_split, class_names, labelled_split
-from .view_sets import ViewSet, as_hwc
+from .datasets import DataError, _npz_split, class_names, labelled_split
 
 log = logging.getLogger("amdim")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 RESERVED = ("all",)  # "all" names the concatenation of every view's feature
+
+
+def as_hwc(array: np.ndarray) -> np.ndarray:
+    """A view as (H, W, C): (H, W) -> (H, W, 1), (H, W, C) as it is."""
+    return array[..., None] if array.ndim == 2 else array
 
 
 def _check_names(names, where: str) -> None:
@@ -138,7 +142,7 @@ def _rgb_array(image: Image.Image) -> np.ndarray:
 
 
 class RGBImages(Dataset):
-    """Any labelled RGB split (amdim.data.labelled_split) as one-view contexts ((H, W, 3),)."""
+    """Any labelled RGB split (datasets.labelled_split) as one-view contexts ((H, W, 3),)."""
 
     def __init__(self, data: str, split: str, data_root: str = "data", download: bool = False,
                  strict: bool = False):
@@ -198,10 +202,10 @@ def view_source(cfg, split: str) -> Dataset | None:
     return PairedFolder(path, cfg.strict_data) if split == "train" else None
 
 
-def build_view_datasets(cfg, sources=None) -> tuple[ViewSet, ViewSet | None, int]:
-    """(pretraining set, test set or None, number of classes or 0) of ViewSets for a
-    PretrainConfig with views lab or paired. sources: with views paired, a Dataset of
-    (views, label), or (train, test or None) such Datasets, instead of cfg.data's."""
+def view_sources(cfg, sources=None) -> tuple[Dataset, Dataset | None, int]:
+    """(training contexts, test contexts or None, number of classes or 0) for a PretrainConfig
+    with views lab or paired. sources: with views paired, a Dataset of (views, label), or
+    (train, test or None) such Datasets, instead of cfg.data's."""
     if sources is not None and cfg.views != "paired":
         raise ValueError(f"your own views need --views paired, not {cfg.views}")
     if sources is None:
@@ -212,7 +216,4 @@ def build_view_datasets(cfg, sources=None) -> tuple[ViewSet, ViewSet | None, int
     if test is not None and test.names != train.names:
         raise DataError(f"the test views {list(test.names)} of {cfg.data} are not the "
                         f"training views {list(train.names)}")
-    n_classes = len(train.classes)
-    test = (ViewSet(test, cfg.image_size, cfg.views, False) if test is not None and n_classes
-            else None)
-    return ViewSet(train, cfg.image_size, cfg.views, True, cfg.view_augment), test, n_classes
+    return train, test, len(train.classes)

@@ -7,21 +7,20 @@ import argparse
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from . import checkpoint
-from .config import resolve_device
-from .data import (KNOWN_SIZES, STATS, DataError, ImageFiles, class_names, labelled_split,
-                   normalisation)
-from .encoder import Encoder, Features
-from .step import autocast_for
-from .views import evaluation_transform
+from ..data.datasets import KNOWN_SIZES, STATS, class_names, labelled_split, normalisation
+from ..data.image_files import DataError, ImageFiles
+from ..model.encoder import Encoder
+from ..model.frozen_features import encode, encode_batch, extract_features, frozen, in_order
+from ..runtime import resolve_device
+from ..training import checkpoint
+from ..views.image_views import evaluation_transform
 
 log = logging.getLogger("amdim")
 
@@ -40,25 +39,6 @@ def checkpoint_data(state: dict, data: str | None, data_root: str | None) -> tup
     return data, data_root or config.get("data_root", "data")
 
 
-def _layout(device: torch.device) -> torch.memory_format:
-    # convolutions run fastest channels-last on CUDA; the values are the same either way
-    return torch.channels_last if device.type == "cuda" else torch.preserve_format
-
-
-def frozen(encoder: Encoder, device: torch.device) -> Encoder:
-    """The encoder moved to `device` (channels-last on CUDA) and put in eval mode."""
-    return encoder.to(device, memory_format=_layout(device)).eval()
-
-
-@torch.no_grad()
-def encode_batch(encoder: Encoder, images: torch.Tensor, precision: str = "fp32") -> Features:
-    """The encoder's Features of normalised images (B, 3, S, S) (any device: moved to the
-    encoder's, channels-last on CUDA), under autocast at `precision`, without gradients."""
-    device = next(encoder.parameters()).device
-    with autocast_for(precision, device)():
-        return encoder(images.to(device, non_blocking=True, memory_format=_layout(device)))
-
-
 @torch.no_grad()
 def embed(encoder: Encoder, images, data: str = "imagenet") -> torch.Tensor:
     """Global features (B, n_rkhs) of a batch of images, on the encoder's device.
@@ -66,7 +46,7 @@ def embed(encoder: Encoder, images, data: str = "imagenet") -> torch.Tensor:
     images: a float tensor (B, 3, S, S) already normalised as in training (S = the encoder's
     image size); or uint8 images (B, H, W, 3) (tensor or array) or a list of PIL images, which
     are fitted to S px as in evaluation and normalised with the statistics of `data` (a key of
-    amdim.data.STATS: the dataset the encoder was trained on; folders use "imagenet").
+    amdim.data.datasets.STATS: the dataset the encoder was trained on; folders use "imagenet").
     """
     if not (torch.is_tensor(images) and images.is_floating_point()):
         if data not in STATS:
@@ -85,54 +65,6 @@ def embed(encoder: Encoder, images, data: str = "imagenet") -> torch.Tensor:
         return encode_batch(encoder, images).r1.flatten(1)
     finally:
         encoder.train(was_training)
-
-
-@torch.no_grad()
-def encode(encoder: Encoder, batches: Iterable, precision: str = "fp32", maps: bool = False,
-           out: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """Run the frozen encoder (eval mode) over batches of (normalised images (B, 3, S, S),
-    labels (B,)), in order.
-
-    Returns float32 features (N, n_rkhs), labels (N,) int64 (-1: unlabelled) and, with
-    `maps`, r5 (N, n_rkhs, 5, 5) and r7 (N, n_rkhs, 7, 7), on `out` (default: the encoder's
-    device, which needs no host synchronisation; "cpu" copies each batch back).
-    """
-    out = torch.device(out) if out is not None else next(encoder.parameters()).device
-    was_training = encoder.training
-    encoder.eval()
-    # copies to the device are queued; a copy to the host must wait for its values
-    copy = dict(device=out, non_blocking=out.type != "cpu")
-    parts: dict[str, list] = {"features": [], "labels": [], "r5": [], "r7": []}
-    for images, labels in batches:
-        r1, r5, r7 = encode_batch(encoder, images, precision)
-        parts["features"].append(r1.flatten(1).float().to(**copy))  # (B, D, 1, 1) -> (B, D)
-        parts["labels"].append(torch.as_tensor(labels, dtype=torch.int64).to(**copy))
-        if maps:
-            parts["r5"].append(r5.float().to(**copy))
-            parts["r7"].append(r7.float().to(**copy))
-    encoder.train(was_training)
-    return {k: torch.cat(v) for k, v in parts.items() if v}
-
-
-def in_order(dataset: Dataset, device: torch.device, batch_size: int = 256, workers: int = 0
-             ) -> DataLoader:
-    """Every item of a dataset once, in order, batched (pinned for a copy to CUDA)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda")
-
-
-def extract_features(encoder: Encoder, dataset: Dataset, device: torch.device,
-                     batch_size: int = 256, workers: int = 0, maps: bool = False
-                     ) -> dict[str, torch.Tensor]:
-    """Run the frozen encoder (eval mode; it must be on `device`) over a dataset, in order,
-    every image once, in fp32.
-
-    Returns float32 CPU tensors features (N, n_rkhs), labels (N,) int64 (-1: unlabelled) and,
-    with `maps`, r5 (N, n_rkhs, 5, 5) and r7 (N, n_rkhs, 7, 7).
-    """
-    batches = tqdm(in_order(dataset, device, batch_size, workers), desc="features",
-                   unit="batch", leave=False, mininterval=1.0)
-    return encode(encoder, batches, maps=maps, out="cpu")
 
 
 def sample_names(dataset: Dataset, root: Path | None = None) -> list[str]:
@@ -209,9 +141,9 @@ def view_split(state: dict, data: str, data_root: str, split: str):
     pretraining augmentation); refuses data whose views are not the checkpoint's."""
     from dataclasses import replace
 
-    from .config import PretrainConfig
-    from .paired import view_source
-    from .view_sets import ViewSet
+    from ..config import PretrainConfig
+    from ..data.paired import view_source
+    from ..views.view_sets import ViewSet
 
     cfg = replace(PretrainConfig.from_dict(state["config"]), data=data, data_root=data_root)
     source = view_source(cfg, split)
@@ -231,7 +163,7 @@ def _view_features(encoder, state: dict, view: str | None, data: str, data_root:
                    split: str, device: torch.device, batch_size: int, workers: int,
                    maps: bool) -> dict:
     """extract's arrays for one view of a --views lab / paired checkpoint, or all views."""
-    from .multiview import ALL
+    from ..model.multiview import ALL
 
     names = state["views"]["names"]
     dataset = view_split(state, data, data_root, split)

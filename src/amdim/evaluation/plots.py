@@ -194,8 +194,8 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from .checkpoint import CheckpointError
-    from .data import DataError
+    from ..training.checkpoint import CheckpointError
+    from ..data.image_files import DataError
 
     if args.out and len(args.paths) > 1:
         raise SystemExit("amdim plot: --out names one file; pass one PATH with it")

@@ -18,11 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, is_authors, load_model
-from .config import PretrainConfig, resolve_device
-from .data import DataError, build_datasets, normalisation
-from .encoder import Encoder
-from .mixture import MixtureHead, assignments
+from ..config import PretrainConfig
+from ..data.datasets import normalisation
+from ..data.image_files import DataError
+from ..model.encoder import Encoder
+from ..model.mixture import MixtureHead, assignments
+from ..runtime import resolve_device
+from ..training.checkpoint import CheckpointError, is_authors, load_model
+from ..training.inputs import build_datasets
 
 log = logging.getLogger(__name__)
 OVERLAY_OPACITY = 0.5  # colour vs image in the overlays: both stay readable

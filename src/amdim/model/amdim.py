@@ -10,9 +10,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .classifiers import Probes, clipped_cross_entropy
-from .config import PretrainConfig
+from ..config import PretrainConfig
 from .backbones import build_encoder
+from .classifiers import Probes, clipped_cross_entropy
 from .encoder import Features
 from .nce import multiscale_nce, objective, random_locations
 

@@ -2,7 +2,7 @@
 
 The multiscale objective needs one global vector and two local maps per image, so any
 convolutional backbone that gives feature maps at several stages can take the paper's
-encoder's place. The heads attach as in the paper's encoder (amdim.encoder):
+encoder's place. The heads attach as in the paper's encoder (model.encoder):
 - r1: the last stage averaged over its locations, then a 1x1 residual embedding to n_rkhs
   (FakeRKHSConvNet, ending in batch norm as the paper's r1 does);
 - r7 and r5: for each of the paper's grids g = 7 and g = 5, the stage whose side is nearest to
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import (RESNETS, TIMM_PREFIX, Encoder, EncoderConfig,  # noqa: F401 (API)
-                      FakeRKHSConvNet, Features, check_backbone)
+from ..config import RESNETS, TIMM_PREFIX, EncoderConfig, check_backbone  # noqa: F401 (API)
+from .encoder import Encoder, FakeRKHSConvNet, Features  # noqa: F401 (API)
 
 def build_encoder(cfg: EncoderConfig) -> nn.Module:
     """The encoder cfg describes: the paper's Encoder, or a BackboneEncoder. Both map

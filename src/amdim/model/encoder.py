@@ -6,15 +6,13 @@ their checkpoints load into this encoder by stripping the `encoder.module.` key 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGE_SIZES = (32, 64, 128)
-
+from ..config import (EncoderConfig)  # noqa: F401 (API: the encoder's configuration, defined with the others)
 
 class Features(NamedTuple):
     """The three embeddings of a batch of images, each (B, n_rkhs, H, W)."""
@@ -22,69 +20,6 @@ class Features(NamedTuple):
     r1: torch.Tensor  # (B, n_rkhs, 1, 1): the global feature
     r5: torch.Tensor  # (B, n_rkhs, 5, 5)
     r7: torch.Tensor  # (B, n_rkhs, 7, 7)
-
-
-# the standard backbones amdim.backbones builds (validated here, with the config)
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's
-TIMM_PREFIX = "timm:"
-PRETRAINED = ("pretrained weights are never downloaded: amdim trains backbones from random "
-              "init, offline. Train from scratch (drop ':pretrained'), or load weights you have "
-              "into encoder.trunk yourself (encoder.trunk.load_state_dict)")
-
-
-def check_backbone(name: str) -> None:
-    """Raise ValueError unless name is amdim, a torchvision ResNet or timm:<model>."""
-    if name.endswith(":pretrained"):
-        raise ValueError(f"backbone {name!r}: {PRETRAINED}")
-    if name == "amdim" or name in RESNETS:
-        return
-    if not name.startswith(TIMM_PREFIX) or len(name) == len(TIMM_PREFIX):
-        raise ValueError(f"unknown backbone {name!r}; use amdim (the paper's encoder), one of "
-                         f"{', '.join(RESNETS)} (torchvision), or timm:<model name>")
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """Architecture of the encoder; the paper's names, the authors' defaults."""
-
-    image_size: int = 32  # input height = width in pixels: 32, 64 or 128
-    ndf: int = 128  # width of the first trunk layer; later stages use 2x, 4x (and 8x)
-    n_rkhs: int = 1024  # width of the three embeddings
-    n_depth: int = 3  # residual layers in each ConvResBlock
-    use_bn: bool = False  # batch norm inside the trunk (the embedding heads always normalise)
-    # amdim: the paper's encoder (this module); resnet18, resnet50, ... or timm:<name>: a
-    # standard backbone under the paper's heads (amdim.backbones), for which ndf and n_depth
-    # do not apply
-    backbone: str = "amdim"
-    # channels of the input images: 3 (RGB) for the paper; 1 or 2 for a view such as the L or
-    # ab channels of CIE Lab, any count for a view from the data (amdim.multiview)
-    in_channels: int = 3
-
-    def __post_init__(self) -> None:
-        if self.backbone != "amdim":
-            check_backbone(self.backbone)
-            if self.in_channels != 3:
-                raise ValueError(f"backbone {self.backbone!r} takes RGB images; a view with "
-                                 f"{self.in_channels} channels needs --backbone amdim")
-        if self.image_size not in IMAGE_SIZES:
-            raise ValueError(
-                f"image_size {self.image_size} has no AMDIM encoder; use one of {IMAGE_SIZES} "
-                "(resize or crop your images to one of these sizes)"
-            )
-        for name in ("ndf", "n_rkhs", "n_depth", "in_channels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.backbone == "amdim" and self.n_rkhs < self.trunk_width:
-            raise ValueError(
-                f"n_rkhs={self.n_rkhs} is smaller than the last trunk width "
-                f"{self.trunk_width} (= {self.trunk_width // self.ndf} x ndf for "
-                f"{self.image_size} px); raise n_rkhs to at least {self.trunk_width} or lower ndf"
-            )
-
-    @property
-    def trunk_width(self) -> int:
-        """Channels of the 7x7 and 5x5 trunk maps: 4*ndf at 32 px, 8*ndf at 64 and 128 px."""
-        return self.ndf * (4 if self.image_size == 32 else 8)
 
 
 class MaybeBatchNorm2d(nn.Module):
@@ -229,7 +164,7 @@ class Encoder(nn.Module):
         super().__init__()
         if cfg.backbone != "amdim":
             raise ValueError(f"Encoder is the paper's encoder; build backbone {cfg.backbone!r} "
-                             "with amdim.backbones.build_encoder(cfg)")
+                             "with amdim.build_encoder(cfg)")
         self.cfg = cfg
         layers, self.index_7, self.index_5 = _trunk(cfg)
         self.layer_list = nn.ModuleList(layers)

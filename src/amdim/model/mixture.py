@@ -9,7 +9,7 @@ scores s_j(i) are combined under a posterior q(j | i) with an entropy bonus,
 whose optimum over q is q = softmax_j(s_j / alpha), giving alpha * logsumexp_j(s_j / alpha).
 Each component is a full NCE of its own: the negatives of component j are the other images'
 locations scored by component j of the source image. Only the global -> local tasks (1t5, 1t7)
-use the mixture; 5t5 is the plain task of amdim.nce.
+use the mixture; 5t5 is the plain task of model.nce.
 """
 from __future__ import annotations
 

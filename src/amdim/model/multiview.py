@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..config import PretrainConfig
 from .backbones import build_encoder
 from .classifiers import Probes, clipped_cross_entropy
-from .config import PretrainConfig
 from .encoder import Features
 from .nce import OBJECTIVE_TERMS, multiscale_nce, objective
 
@@ -147,7 +147,7 @@ class MultiViewAMDIM(nn.Module):
 def build_model(cfg: PretrainConfig, n_classes: int, layout: dict | None) -> nn.Module:
     """model.AMDIM for --views augment (layout None), else MultiViewAMDIM."""
     if layout is None:
-        from .model import AMDIM
+        from .amdim import AMDIM
 
         return AMDIM(cfg, n_classes)
     return MultiViewAMDIM(cfg, n_classes, layout)

@@ -7,7 +7,7 @@ negatives are all locations of every other image in the batch. Each task is run 
 directions and averaged, as in the authors' code (amdim-public, costs.py).
 
 `nce_log_probs` is the one scoring arithmetic: it scores K source vectors per image, so plain
-AMDIM is its K = 1 case and the mixture objective (amdim.mixture) its K > 1 case.
+AMDIM is its K = 1 case and the mixture objective (model.mixture) its K > 1 case.
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def multiscale_nce(
     source_locations: optional (loc_x1, loc_x2), each (B,) int64 flat 5x5 indices row*5+col
         choosing the 5t5 source vector per image and view; drawn at random when None.
     global_task: the global -> local tasks (1t5, 1t7) as (r1 (B, D), maps) -> (loss,
-        score_reg); None is nce_task, as for 5t5 (amdim.mixture passes its mixture task).
+        score_reg); None is nce_task, as for 5t5 (model.mixture passes its mixture task).
     Returns float32 scalars named by OBJECTIVE_TERMS: loss_1t5, loss_1t7, loss_5t5,
     score_reg; the training objective is their sum (`objective`).
     """

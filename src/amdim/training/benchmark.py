@@ -5,7 +5,7 @@ Measures, for a preset (any field overridable by the flags below):
   encoder forward on each view, multiscale NCE, online probes; backward; Adam step, fused on
   CUDA);
 - with --data NPZ, the same step fed end to end by the device-resident data path
-  (tensor_data.TrainBatches: the dataset decoded once onto the device, views built there),
+  (data.batches.TrainBatches: the dataset decoded once onto the device, views built there),
   and the view building alone;
 - peak device memory, FLOP per image (FlopCounterMode on one forward + backward, divided by
   the batch size) and MFU = achieved FLOP/s / peak FLOP/s.
@@ -26,12 +26,14 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .batch_views import BatchViews
-from .config import (PRESETS, PretrainConfig, native_bf16, preset, resolve_device,
-                     resolve_runtime)
-from .data import DataError, normalisation
-from .model import AMDIM
-from .tensor_data import TrainBatches, load_npz
+from ..config import PRESETS, PretrainConfig, preset
+from ..data.batches import TrainBatches
+from ..data.datasets import normalisation
+from ..data.device_images import load_npz
+from ..data.image_files import DataError
+from ..model.amdim import AMDIM
+from ..runtime import native_bf16, resolve_device, resolve_runtime
+from ..views.batch_views import BatchViews
 from .step import TrainingStep, configure_device
 
 # bf16 dense tensor-core peaks (FLOP/s, no sparsity) from the vendor's data sheets, by a part

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .classifiers import Probes
-from .config import PretrainConfig
-from .backbones import build_encoder
-from .encoder import Encoder, EncoderConfig
+from ..config import EncoderConfig, PretrainConfig
+from ..model.backbones import build_encoder
+from ..model.classifiers import Probes
+from ..model.encoder import Encoder
 
 FORMAT = "amdim/1"
 ENCODER_FORMAT = "amdim-encoder/1"
@@ -163,7 +163,7 @@ def load_encoder(path: str | os.PathLike, view: str | None = None) -> Encoder:
 
 def _view_model(path, state: dict, layout: dict, view: str | None):
     """(encoder, probes) of a multiview checkpoint for `view` (see load_model)."""
-    from .multiview import ALL, MultiViewAMDIM, ViewsEncoder
+    from ..model.multiview import ALL, MultiViewAMDIM, ViewsEncoder
 
     names = layout["names"]
     if view is None:  # which images the encoder takes is the view's business: never guessed

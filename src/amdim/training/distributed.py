@@ -3,8 +3,8 @@
 `batch_size` is the global batch: each of N ranks encodes batch_size / N images, the features
 of every rank are gathered (keeping gradients), and every rank computes the NCE over the whole
 global batch, exactly as one process would. DDP then averages the gradients, so the update
-equals that of one process on the concatenated batch (tests/test_distributed.py checks it with
-2 CPU processes).
+equals that of one process on the concatenated batch (tests/training/test_distributed.py
+checks it with 2 CPU processes).
 
 The collectives inside the model are torch's functional collectives: autograd and
 torch.compile trace through them, so they add no graph break and no host sync.

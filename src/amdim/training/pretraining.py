@@ -6,7 +6,6 @@ steps (step.TrainingStep), the evaluation and the metrics line, and the checkpoi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -19,19 +18,18 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..config import PretrainConfig, milestone_factor
+from ..data.datasets import resolved_data
+from ..data.image_files import skipped_files
+from ..model import multiview
+from ..model.amdim import AMDIM
+from ..model.frozen_features import compare_with_random_init
+from ..runtime import autocast_for, resolve_device, resolve_runtime
 from . import checkpoint, distributed
-from .batches import choose_data_path, make_batches
-from .config import (PRESETS, PretrainConfig, add_config_flags, config_from_args,
-                     milestone_factor, resolve_device, resolve_runtime)
-from .data import DataError, build_datasets, resolved_data, skipped_files
-from .evaluate import compare_with_random_init
-from .model import AMDIM
-from . import multiview
-from .paired import build_view_datasets
-from .run_folder import (CHECKPOINT, EXIT_CODES, StopOnSignal, TrainingError,  # noqa: F401
-                         check_same_run, explain_out_of_memory, keep_files_of_lost_run,
-                         keep_metrics_until, locked)
-from .step import LOSSES, NCE_TERMS, EpochSums, TrainingStep, autocast_for, configure_device
+from .inputs import build_datasets, build_view_datasets, choose_data_path, make_batches
+from .run_folder import (CHECKPOINT, EXIT_CODES, StopOnSignal, TrainingError, check_same_run,  # noqa: F401
+                         explain_out_of_memory, keep_files_of_lost_run, keep_metrics_until, locked)
+from .step import LOSSES, NCE_TERMS, EpochSums, TrainingStep, configure_device
 
 log = logging.getLogger("amdim")
 
@@ -375,61 +373,3 @@ class Pretraining:
                     "command to resume.") from None
         if self.world_size > 1:
             torch.distributed.barrier()
-
-
-# -- command line
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "pretrain", help="self-supervised pretraining of an AMDIM encoder",
-        description="Pretrain an AMDIM encoder. With no flags: a small model on the handwritten "
-        "digits shipped in scikit-learn (offline, a few minutes on a CPU), ending with a "
-        "linear-probe comparison against random initialisation. Real data: e.g. "
-        "--preset cifar-small --data /path/to/cifar10 (a folder with train/<class>/ and "
-        "test/<class>/) --run-dir runs/cifar. Rerunning a command resumes its run folder. "
-        "Each flag's default is given preset by preset. Exit status: 0 finished, 130 "
-        "stopped by Ctrl-C, 143 by SIGTERM, 75 by --time-limit (rerun to resume), 1 an error.")
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="named defaults (default: digits; with --data, the one that fits "
-                        "its image size and the device: cifar-cpu or imagenette-cpu on a CPU, "
-                        "cifar-small, stl10 or imagenet-small on a GPU): " + "; ".join(
-                            f"{k}: {v.get('image_size')} px ndf {v.get('ndf')} n_rkhs "
-                            f"{v.get('n_rkhs')} n_depth {v.get('n_depth')}" for k, v in PRESETS.items()))
-    add_config_flags(parser)
-    parser.set_defaults(func=_run)
-
-
-# the settings the start-up line shows (all of them are in the run folder's config.json)
-SHOWN = ("data", "image_size", "ndf", "n_rkhs", "n_depth", "batch_size", "epochs", "lr",
-         "warmup_steps", "lr_milestones", "final_probe")
-
-
-def _message(error: BaseException) -> str:
-    """The error's message, without the traceback that DataLoader adds to one raised in a
-    worker process."""
-    text = str(error) if not isinstance(error, OSError) or not error.strerror else (
-        f"{error.filename + ': ' if error.filename else ''}{error.strerror}")
-    if "Traceback (most recent call last)" in text:
-        last = text.strip().splitlines()[-1]
-        return last.partition(": ")[2] or last
-    return text
-
-
-def _run(args: argparse.Namespace) -> None:
-    try:
-        cfg = config_from_args(args)
-        name, why = args.preset_chosen
-        if int(os.environ.get("RANK", "0")) == 0:
-            log.info("preset %s%s; in effect: %s", name,
-                     f" (chosen for {why}; --preset picks another)" if why else "",
-                     ", ".join(f"{k} {getattr(cfg, k)}" for k in SHOWN))
-        metrics = pretrain(cfg)
-    except (ValueError, TrainingError, DataError, checkpoint.CheckpointError, OSError) as error:
-        raise SystemExit(f"amdim pretrain: {_message(error)}") from None
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    print(json.dumps(metrics, indent=2))
-    if "stopped" in metrics:  # saved, to be resumed: tell schedulers and scripts apart
-        raise SystemExit(EXIT_CODES.get(metrics["stopped"], EXIT_CODES["time limit"]))

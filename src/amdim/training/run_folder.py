@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .config import PretrainConfig
-from .data import resolved_data
+from ..config import PretrainConfig
+from ..data.datasets import resolved_data
 
 log = logging.getLogger("amdim")
 CHECKPOINT = "checkpoint.pt"

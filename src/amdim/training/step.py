@@ -7,14 +7,14 @@ device (`EpochSums`) until the caller reads them at a log point.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .config import PretrainConfig
-from .nce import OBJECTIVE_TERMS as NCE_TERMS
+from ..config import PretrainConfig
+from ..model.nce import OBJECTIVE_TERMS as NCE_TERMS
+from ..runtime import autocast_for  # noqa: F401 (API: step.autocast_for)
 # what each step adds to the epoch's sums: the NCE terms, losses, probe counts, and 1 for a
 # step whose update was applied (a skipped, non-finite step adds nothing)
 SUMS = NCE_TERMS + ("loss", "probe_loss", "correct_linear", "correct_mlp", "n_labelled", "steps")
@@ -27,14 +27,6 @@ def configure_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.benchmark = True
-
-
-def autocast_for(precision: str, device: torch.device) -> Callable:
-    """A factory of the autocast context of `precision` (a no-op for fp32)."""
-    if precision == "fp32":
-        return nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def optimiser_for(cfg: PretrainConfig, model: torch.nn.Module) -> torch.optim.Adam:

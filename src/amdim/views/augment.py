@@ -7,7 +7,7 @@ The Fast AutoAugment operations and their ranges are kakaobrain/fast-autoaugment
 a table level in [0, 1] maps linearly onto the operation's range, geometric operations flip
 their sign with p=0.5 ("random_mirror"), and everything is PIL on uint8 images. The lighting
 noise is their data.py's `Lighting(0.1, _IMAGENET_PCA...)` (AlexNet's), added after ToTensor.
-All randomness comes from torch's generator, as in views.py.
+All randomness comes from torch's generator, as in image_views.py.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .views import CROP_RATIO, CROP_SCALE
+from .image_views import CROP_RATIO, CROP_SCALE
 
 CROP_TRIES = 10  # torchvision's RandomResizedCrop.get_params
 

@@ -1,4 +1,4 @@
-"""The Fast AutoAugment ImageNet policy (amdim.augment) on a batch of views on their device:
+"""The Fast AutoAugment ImageNet policy (views.augment) on a batch of views on their device:
 the counterpart of augment.FastAutoAugment for batch_views.BatchViews.
 
 Each image draws a sub-policy and, per step, whether the step applies, its sign (the random
@@ -22,7 +22,7 @@ import torch
 
 from .augment import CUTOUT_FILL, FAA_RANGES, MIRRORED, magnitude
 from .faa_imagenet import FAA_IMAGENET
-from .views import LUMA
+from .image_views import LUMA
 
 OPERATIONS = tuple(FAA_RANGES)  # the 15 operations, in a fixed order
 AFFINE = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")

@@ -2,7 +2,7 @@
 images' device: the on-GPU counterpart of views.TwoViews, and the deterministic evaluation
 transform on tensors.
 
-The augmentations and probabilities are those of views.py: one horizontal flip shared by both
+The augmentations and probabilities are those of image_views.py: one horizontal flip shared by both
 views (p=0.5); then per view, independently and with per-image random parameters: 32 px:
 translation by an integer in [-4, 4] on each axis with reflection padding (p=0.8); 64/128 px:
 random resized crop (scale 0.3-1, ratio 0.7-1.4, torchvision's 10 tries and centre-crop
@@ -10,8 +10,8 @@ fallback); colour jitter 0.4/0.4/0.4/hue 0.2 (0.1 at 128 px) in a random order p
 (p=0.8); grayscale (p=0.25); normalisation.
 
 On a GPU these batches are small and the work is launch-bound, so a batch costs a fixed number
-of kernels (65 at 32 px, 77 at 64 and 128 px, where it was 590 and 812; tests/test_batch_views.py
-counts them), none of which waits for the host:
+of kernels (65 at 32 px, 77 at 64 and 128 px, where it was 590 and 812;
+tests/views/test_batch_views.py counts them), none of which waits for the host:
 - every random number of the batch comes from one torch.rand on the device; constants are
   made on the device once per BatchViews;
 - resampling (crop and resize) is a separable linear map, out = Wy @ x @ Wx^T, two batched
@@ -21,12 +21,8 @@ counts them), none of which waits for the host:
   They depend on the box's length alone, shifted by its start, so each box's are read from a
   table made once (one gather per axis). grid_sample's bicubic uses a = -0.75 and aliases
   when downscaling; per-box interpolate costs one launch per image;
-- brightness, contrast and saturation are each a per-image 3x3 colour matrix (contrast adds
-  its image's mean), so one baddbmm applies whichever op each image has at a step. The hue
-  sits once in every image's order of four: three blending steps can come before it and three
-  after, so the jitter is 3 blend steps, one hue step, 3 blend steps, an image's ops placed
-  around its hue and the unused steps identity: 7 steps for all orders, where applying every
-  op at every position takes 16;
+- the colour jitter is 7 batched colour-matrix and hue steps for every order of its four ops
+  (batch_colour);
 - grayscale and normalisation are one more colour matrix.
 With TF32 matmuls enabled globally the resampling and the colour matrices are accurate to
 about 1e-3, a quarter of a grey level.
@@ -41,110 +37,21 @@ from typing import Sequence
 
 import torch
 
-from .batch_geometry import (CROP_TRIES, centre_crop_weights, crop_boxes, crop_constants,
-                             crop_windows, reflected, resize_centre_crop,
-                             resized_crop, sample_crop_boxes, translate)  # noqa: F401 (API)
+from ..config import IMAGE_SIZES
 from .augment import LIGHTING_STD, PCA_EIGVAL, PCA_EIGVEC
+from .batch_geometry import (CROP_TRIES, centre_crop_weights, crop_boxes,  # noqa: F401 (API)
+                             crop_constants, crop_windows, reflected, resize_centre_crop,
+                             resized_crop, sample_crop_boxes, translate)
+from .batch_colour import (colour_constants, colour_jitter,  # noqa: F401 (API: colour_jitter)
+                           colour_matrices, colour_steps, grayscale)
 from .batch_policy import BatchFastAutoAugment
-from .encoder import IMAGE_SIZES
-from .views import (CROP_RATIO, CROP_SCALE, EVAL_RESIZE, JITTER, LUMA,  # noqa: F401
-                    MAX_TRANSLATION, crop_scale, hue_jitter)
+from .image_views import (CROP_RATIO, CROP_SCALE, EVAL_RESIZE, JITTER, LUMA,  # noqa: F401
+                          MAX_TRANSLATION, crop_scale, hue_jitter)
 
 # columns of the batch's random draw (copies, B, COLUMNS): flags compared with their
 # probabilities, jitter gains and hue, keys of the jitter order, then the geometry
 FLAGS, GAINS, ORDER, GEOMETRY = slice(0, 4), slice(4, 8), slice(8, 12), 12
 COLUMNS = GEOMETRY + 2 * CROP_TRIES + 2
-
-
-def grayscale(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 1, H, W) luma."""
-    r, g, b = images.unbind(1)
-    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
-
-
-def _colour_constants(input_scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """The fixed tensors of the colour steps; the first blend step also multiplies its input
-    by input_scale (1/255 takes uint8 values to [0, 1])."""
-    eye, gray = torch.eye(3), torch.tensor(LUMA).expand(3, 3)  # gray @ rgb: luma in each channel
-    zero = torch.zeros(3, 3)
-    # per blending op (brightness, contrast, saturation): the change of (A, B) per unit of
-    # gain (factor - 1), where a blend step maps x to A x + B mean(x)
-    basis = torch.stack([torch.stack([eye, zero]), torch.stack([eye, -gray]),
-                         torch.stack([eye - gray, zero])]).view(3, 18)
-    slot_scale = torch.tensor([input_scale] + [1.0] * 6)[:, None]  # (7, 1)
-    identity = (torch.stack([eye, zero]).view(1, 18) * slot_scale)  # (7, 18)
-    # the rows of (g - b, b - r, r - g): the hue's offset within the sextant of each max channel
-    diff = torch.tensor([[0.0, 1, -1], [-1, 0, 1], [1, -1, 0]])
-    return {"basis": basis, "identity": identity, "slot_scale": slot_scale,
-            "slots": torch.arange(7)[:, None] - 3, "diff": diff, "four": torch.tensor([4.0]),
-            "hue_channels": torch.tensor([[5.0], [3.0], [1.0]])}
-
-
-def _colour_matrices(gains: torch.Tensor, rank: torch.Tensor, const: dict[str, torch.Tensor]
-                     ) -> torch.Tensor:
-    """gains (N, 3): factor - 1 of brightness, contrast, saturation (0: no change); rank (N, 4):
-    the position of each of (brightness, contrast, saturation, hue) in the image's order.
-    Returns (N, 7, 2, 3, 3): for each of the 7 steps the matrices (A, B) of x -> A x + B mean(x);
-    step 3 is the hue's, and each blending op goes to step 3 + its position relative to it."""
-    chosen = (rank[:, None, :3] - rank[:, None, 3:]) == const["slots"]  # (N, 7, 3): step holds op
-    delta = (chosen * gains[:, None, :]) @ const["basis"]  # (N, 7, 3) @ (3, 18) -> (N, 7, 18)
-    return torch.addcmul(const["identity"], delta, const["slot_scale"]).view(-1, 7, 2, 3, 3)
-
-
-def _hue_step(x: torch.Tensor, offsets: torch.Tensor, const: dict[str, torch.Tensor],
-              out: torch.Tensor) -> torch.Tensor:
-    """torchvision's RGB -> HSV -> hue shift -> RGB, fused, on x (N, 3, P) in [0, 1], into out
-    (x is overwritten); offsets (N, 3, 1): (5, 3, 1) + 6 * the shift in turns. A hue shift
-    keeps each pixel's max and min channel (value and chroma), so only the hue is computed and
-    the channels rebuilt from it."""
-    maxc, argmax = x.max(1, keepdim=True)  # (N, 1, P); the first max on ties, as torchvision
-    minc = x.amin(1, keepdim=True)
-    chroma = torch.sub(maxc, minc, out=minc).clamp_(min=torch.finfo(x.dtype).tiny)
-    # (g - b, b - r, r - g) at the max channel: the hue's offset in that channel's sextant
-    offset = torch.bmm(const["diff"].expand(len(x), 3, 3), x, out=out).gather(1, argmax)
-    # channel n of (R, G, B) is max - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6
-    # and 6 h = 2 argmax + offset / chroma (grey pixels: 0 / tiny, hue 0)
-    k = torch.add(offsets, argmax, alpha=2, out=x).addcdiv_(offset, chroma).remainder_(6)
-    weight = torch.minimum(k, torch.sub(const["four"], k, out=out), out=out).clamp_(0, 1)
-    return torch.addcmul(maxc, chroma, weight, value=-1, out=out)
-
-
-def _colour_steps(x: torch.Tensor, matrices: torch.Tensor, hue_offsets: torch.Tensor,
-                  const: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The 7 jitter steps on x (N, 3, P), which they overwrite: blend steps clamp
-    A x + B mean(x) to [0, 1]; step 3 is the hue."""
-    # two buffers serve all steps, x and the first step's output: on the CPU a fresh large
-    # buffer per step costs more than the step (page faults)
-    spare = None
-    for step in range(7):
-        if step == 3:
-            out = _hue_step(x, hue_offsets, const, out=spare)
-        else:
-            a, b = matrices[:, step].unbind(1)  # (N, 3, 3) each
-            out = torch.baddbmm(torch.bmm(b, x.mean(2, keepdim=True)), a, x, out=spare)
-            out.clamp_(0, 1)
-        x, spare = out, x
-    return x
-
-
-def colour_jitter(images: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
-                  saturation: torch.Tensor, hue: torch.Tensor, order: torch.Tensor,
-                  subset: bool | None = None) -> torch.Tensor:
-    """torchvision's ColorJitter with per-image factors, on float images (B, 3, H, W) in [0, 1].
-
-    brightness, contrast, saturation: (B,) blend factors; hue: (B,) shift in turns;
-    order: (B, 4) a permutation of 0..3 per image (0 brightness, 1 contrast, 2 saturation,
-    3 hue), as ColorJitter's fn_idx. Brightness blends with black, contrast with the mean of
-    the grayscale image, saturation with the grayscale image; clamped to [0, 1] after each.
-    subset: no longer used (every image is computed, with no device sync, on every device).
-    """
-    const = {k: v.to(images.device) for k, v in _colour_constants().items()}
-    gains = torch.stack([brightness, contrast, saturation], 1) - 1
-    matrices = _colour_matrices(gains, order.argsort(1), const)
-    hue_offsets = torch.add(const["hue_channels"], hue.view(-1, 1, 1), alpha=6)
-    x = _colour_steps(images.flatten(2).to(torch.float32, copy=True), matrices, hue_offsets,
-                      const)
-    return x.view(images.shape)
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -163,7 +70,7 @@ class BatchViews:
     come in that memory format, as a channels-last model wants them (no copy per step).
 
     The probabilities are arguments only so that tests can isolate one augmentation; the
-    defaults are the paper's (views.py). augment: paper, or imagenet-faa (views.py's: crop
+    defaults are the paper's (image_views.py). augment: paper, or imagenet-faa (image_views.py's: crop
     scale 0.2-0.9, the Fast AutoAugment ImageNet policy after the crop, grouped by operation
     in batch_policy, and PCA lighting folded into the normalisation); seed: of the policy's
     host draws.
@@ -288,9 +195,9 @@ class BatchViews:
         # the position of each op in a uniformly random order (a random permutation's inverse
         # is one too)
         rank = u[..., ORDER].argsort(-1).view(n, 4)
-        matrices = _colour_matrices(gains[:, :3], rank, const)
+        matrices = colour_matrices(gains[:, :3], rank, const)
         hue_offsets = torch.add(const["hue_channels"], gains[:, 3].view(n, 1, 1), alpha=6)
-        return _colour_steps(x, matrices, hue_offsets, const)
+        return colour_steps(x, matrices, hue_offsets, const)
 
     def _constants_for(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The fixed tensors for images like these, made on their device at the first batch
@@ -309,7 +216,7 @@ class BatchViews:
                      # alpha (N, 3) @ this -> each image's lighting shift, normalised
                      "lighting": (LIGHTING_STD * torch.tensor(PCA_EIGVAL)[:, None]
                                   * torch.tensor(PCA_EIGVEC).T / std),
-                     **_colour_constants(1 / 255)}
+                     **colour_constants(1 / 255)}
             if self.image_size == 32:
                 const.update(shift_low=torch.tensor([-float(MAX_TRANSLATION)]),
                              shift_span=torch.tensor([2.0 * MAX_TRANSLATION + 1]),

@@ -7,7 +7,7 @@ ratio 0.7-1.4, bicubic) instead of the translation; at 128 px the hue jitter is 
 horizontal flip is shared by both views. All randomness comes from torch's generator, so a
 seed (and DataLoader's per-worker seeding) makes runs repeatable.
 
-Other policies (`augment`, amdim.augment) keep these views and add to them after the crop:
+Other policies (`augment`, views.augment) keep these views and add to them after the crop:
 imagenet-faa the Fast AutoAugment ImageNet policy, crop scale 0.2-0.9 and PCA lighting 0.1
 (the authors' strongest ImageNet results); randaugment / trivialaugment torchvision's.
 """
@@ -75,7 +75,7 @@ def crop_scale(augment: str = "paper") -> tuple[float, float]:
 def augmentation(image_size: int, mean: tuple, std: tuple, augment: str = "paper"
                  ) -> T.Compose:
     """The per-view random augmentation (after the shared flip): PIL RGB -> (3, S, S) float.
-    augment: paper (the authors' views), or one of amdim.augment.AUGMENTS added after the crop."""
+    augment: paper (the authors' views), or one of views.augment.AUGMENTS added after the crop."""
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
     if image_size == 32:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..data.paired import as_hwc
+
 LAB = (("L", 1), ("ab", 2))  # the layout of --views lab: view names and channel counts
 # Lab normalisation: L in [0, 100], a and b within about +-100 (|ab| < 30 for most pixels)
 LAB_SHIFT, LAB_SCALE = (50.0, 0.0, 0.0), (25.0, 25.0, 25.0)
@@ -35,11 +37,6 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
                     xyz / (3 * delta ** 2) + 4 / 29)
     fx, fy, fz = f.unbind(-3)
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], -3)
-
-
-def as_hwc(array: np.ndarray) -> np.ndarray:
-    """A view as (H, W, C): (H, W) -> (H, W, 1), (H, W, C) as it is."""
-    return array[..., None] if array.ndim == 2 else array
 
 
 def crop_box(height: int, width: int) -> tuple[int, int, int, int]:

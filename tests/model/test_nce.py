@@ -6,8 +6,8 @@ import torch
 
 from amdim import Encoder, EncoderConfig, Features, multiscale_nce
 from amdim.config import preset
-from amdim.model import AMDIM
-from amdim.nce import OBJECTIVE_TERMS, objective
+from amdim.model.amdim import AMDIM
+from amdim.model.nce import OBJECTIVE_TERMS, objective
 
 NAMES = OBJECTIVE_TERMS
 

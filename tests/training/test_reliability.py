@@ -10,10 +10,10 @@ import textwrap
 import pytest
 import torch
 
-from amdim import checkpoint
 from amdim.cli import main
 from amdim.config import preset
-from amdim.train import TrainingError, pretrain
+from amdim.training import checkpoint
+from amdim.training.pretraining import TrainingError, pretrain
 
 TINY = dict(ndf=8, n_rkhs=64, n_depth=1, batch_size=16, steps_per_epoch=3, warmup_steps=4,
             workers=0, final_probe=False, device="cpu")
@@ -28,7 +28,7 @@ def run_and_interrupt(run_dir, at_step: int, how: str, epochs: int = 3):
     before optimiser step `at_step`."""
     script = textwrap.dedent(f"""
         import os, signal
-        import amdim.train as train
+        import amdim.training.pretraining as train
         from amdim.config import preset
         lr_factor = train.lr_factor
         def hook(step, *args):
@@ -83,8 +83,8 @@ def test_kill_9_loses_only_work_since_last_checkpoint(tmp_path, straight):
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
-        import amdim.checkpoint as checkpoint
-        import amdim.train as train
+        import amdim.training.checkpoint as checkpoint
+        import amdim.training.pretraining as train
         from amdim.config import preset
         calls, save = [], checkpoint.torch.save
         def dying_save(state, f):
@@ -124,9 +124,9 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def nan_after(calls: int, monkeypatch):
-    import amdim.model
+    import amdim.model.amdim
 
-    real, count = amdim.model.multiscale_nce, []
+    real, count = amdim.model.amdim.multiscale_nce, []
 
     def sometimes_nan(*args, **kwargs):
         count.append(1)
@@ -135,7 +135,7 @@ def nan_after(calls: int, monkeypatch):
             losses["loss_1t5"] = losses["loss_1t5"] * float("nan")
         return losses
 
-    monkeypatch.setattr(amdim.model, "multiscale_nce", sometimes_nan)
+    monkeypatch.setattr(amdim.model.amdim, "multiscale_nce", sometimes_nan)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -156,12 +156,12 @@ def test_non_finite_batch_can_be_skipped(tmp_path, monkeypatch):
 
 
 def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch):
-    import amdim.model
+    import amdim.model.amdim
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(amdim.model.AMDIM, "forward", out_of_memory)
+    monkeypatch.setattr(amdim.model.amdim.AMDIM, "forward", out_of_memory)
     with pytest.raises(SystemExit, match="out of GPU memory with batch_size 16: lower --batch-size .e.g. --batch-size 8"):
         main(["pretrain", "--ndf", "8", "--n-rkhs", "64", "--batch-size", "16", "--workers", "0",
               "--run-dir", str(tmp_path)])
@@ -203,7 +203,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
 def test_a_second_run_into_the_same_folder_is_refused_naming_the_holder(tmp_path):
     import socket
 
-    from amdim.run_folder import locked
+    from amdim.training.run_folder import locked
 
     with locked(tmp_path):
         done = subprocess.run(
@@ -237,9 +237,10 @@ def test_metrics_without_a_checkpoint_are_kept_under_a_new_name(tmp_path, caplog
 @pytest.mark.parametrize("stopped, code", [("SIGINT", 130), ("SIGTERM", 143),
                                            ("time limit", 75)])
 def test_a_stopped_run_exits_with_its_documented_code(tmp_path, monkeypatch, stopped, code):
-    import amdim.train
+    import amdim.training.pretrain_command
 
-    monkeypatch.setattr(amdim.train, "pretrain", lambda cfg: {"stopped": stopped, "step": 1})
+    monkeypatch.setattr(amdim.training.pretrain_command, "pretrain",
+                        lambda cfg: {"stopped": stopped, "step": 1})
     with pytest.raises(SystemExit) as exit:
         main(["pretrain", "--run-dir", str(tmp_path)])
     assert exit.value.code == code
@@ -300,13 +301,13 @@ def test_non_finite_loss_at_step_0_says_there_is_no_checkpoint(tmp_path, monkeyp
 
 
 def test_out_of_cpu_memory_is_explained(tmp_path, monkeypatch):
-    import amdim.model
+    import amdim.model.amdim
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
                            "can't allocate memory: you tried to allocate 140737488355328 bytes.")
 
-    monkeypatch.setattr(amdim.model.AMDIM, "forward", out_of_memory)
+    monkeypatch.setattr(amdim.model.amdim.AMDIM, "forward", out_of_memory)
     with pytest.raises(SystemExit, match="out of CPU memory .RAM. with batch_size 16 and ndf 8: "
                        "lower --batch-size .e.g. --batch-size 8.*no checkpoint had been saved"):
         main(["pretrain", "--ndf", "8", "--n-rkhs", "64", "--batch-size", "16", "--workers", "0",
@@ -321,13 +322,14 @@ def test_data_without_a_preset_gets_one_that_fits(tmp_path, monkeypatch, size, c
 
     from PIL import Image
 
-    import amdim.config
-    from amdim.config import add_config_flags, config_from_args
+    import amdim.training.pretrain_command
+    from amdim.config import add_config_flags
+    from amdim.training.pretrain_command import config_from_args
 
     folder = tmp_path / "images"
     folder.mkdir()
     Image.new("RGB", (size, size)).save(folder / "0.png")
-    monkeypatch.setattr(amdim.config, "resolve_device",
+    monkeypatch.setattr(amdim.training.pretrain_command, "resolve_device",
                         lambda name: torch.device("cuda" if cuda else "cpu"))
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset")
@@ -355,10 +357,10 @@ def test_help_and_start_up_show_the_settings_in_effect(tmp_path, capsys, caplog,
 
 
 def test_the_final_probe_fits_a_sample_of_the_training_set(tmp_path, monkeypatch):
-    import amdim.evaluate
+    import amdim.model.frozen_features
 
     sizes = []
-    monkeypatch.setattr(amdim.evaluate, "linear_probe_accuracy",
+    monkeypatch.setattr(amdim.model.frozen_features, "linear_probe_accuracy",
                         lambda encoder, train, test, device: sizes.append(len(train)) or 0.5)
     pretrain(tiny(tmp_path, epochs=1, final_probe=True, final_probe_images=100))
     assert sizes == [100, 100]

@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from amdim.data import STATS
-from amdim.views import RandomTranslateWithReflect, TwoViews, evaluation_transform
+from amdim.data.datasets import STATS
+from amdim.views.image_views import RandomTranslateWithReflect, TwoViews, evaluation_transform
 
 
 def authors_translate(image: Image.Image, dx: int, dy: int) -> Image.Image:

@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from amdim import checkpoint
 from amdim.cli import main
 from amdim.config import preset
-from amdim.batches import EpochBatches
-from amdim.train import TrainingError, lr_factor, pretrain
+from amdim.data.batches import EpochBatches
+from amdim.training import checkpoint
+from amdim.training.pretraining import TrainingError, lr_factor, pretrain
 
 TINY = dict(ndf=8, n_rkhs=64, n_depth=1, batch_size=16, steps_per_epoch=3, warmup_steps=4,
             workers=0, final_probe=False, device="cpu")
@@ -157,21 +157,21 @@ def test_stop_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, monkeypat
     import os
     import signal
 
-    import amdim.train
+    import amdim.training.pretraining
 
     settings = dict(epochs=3, data_path=data_path, workers=workers)
     pretrain(tiny(tmp_path / "straight", **settings))
-    lr_factor = amdim.train.lr_factor
+    lr_factor = amdim.training.pretraining.lr_factor
 
     def interrupt_at_step_4(step, *args):
         if step == 4:
             os.kill(os.getpid(), signal.SIGINT)  # handled: save at the step's end and return
         return lr_factor(step, *args)
 
-    monkeypatch.setattr(amdim.train, "lr_factor", interrupt_at_step_4)
+    monkeypatch.setattr(amdim.training.pretraining, "lr_factor", interrupt_at_step_4)
     stopped = pretrain(tiny(tmp_path / "resumed", **settings))
     assert stopped["stopped"] == "SIGINT" and stopped["step"] == 5
-    monkeypatch.setattr(amdim.train, "lr_factor", lr_factor)
+    monkeypatch.setattr(amdim.training.pretraining, "lr_factor", lr_factor)
     pretrain(tiny(tmp_path / "resumed", **settings))
     a = checkpoint.load(tmp_path / "straight" / "checkpoint.pt")
     b = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
@@ -184,8 +184,9 @@ def test_stop_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, monkeypat
 def test_auto_data_path_needs_in_memory_images_of_one_size(tmp_path):
     from PIL import Image
 
-    from amdim.batches import choose_data_path, stored_size
-    from amdim.data import build_datasets
+    from amdim.data.device_images import stored_size
+    from amdim.training.inputs import choose_data_path
+    from amdim.training.inputs import build_datasets
 
     digits_train, _, _ = build_datasets(preset("digits"))
     assert stored_size(digits_train) == (32, 32)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from amdim import Encoder, EncoderConfig, Features, multiscale_nce
-from amdim.mixture import MixtureHead, assignments, mixture_nce_task, multiscale_mixture_nce
-from amdim.nce import nce_task
+from amdim.model.mixture import MixtureHead, assignments, mixture_nce_task, multiscale_mixture_nce
+from amdim.model.nce import nce_task
 
 NAMES = ("loss_1t5", "loss_1t7", "loss_5t5", "score_reg")
 

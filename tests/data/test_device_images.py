@@ -8,11 +8,13 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from amdim.batch_views import BatchEvaluation, BatchViews
-from amdim.data import ArrayImages, DataError, digits
-from amdim.tensor_data import (EvalBatches, ImageCache, TrainBatches, cache_bytes, cache_dataset,
-                               fits_in_memory, load_npz)
-from amdim.views import TwoViews
+from amdim.data.batches import EvalBatches, TrainBatches
+from amdim.data.datasets import ArrayImages, digits
+from amdim.data.device_images import (ImageCache, cache_bytes, cache_dataset, fits_in_memory,
+                                      load_npz)
+from amdim.data.image_files import DataError
+from amdim.views.batch_views import BatchEvaluation, BatchViews
+from amdim.views.image_views import TwoViews
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from amdim import checkpoint, evaluate
-from amdim.checkpoint import CheckpointError
-from amdim.classifiers import Probes
-from amdim.data import DataError
 from amdim.config import preset
-from amdim.encoder import Encoder
+from amdim.data.image_files import DataError
+from amdim.evaluation import evaluate
+from amdim.model.classifiers import Probes
+from amdim.model.encoder import Encoder
+from amdim.training import checkpoint
+from amdim.training.checkpoint import CheckpointError
 
 SIZES = (32, 64, 128)
 TINY = dict(image_size=32, ndf=8, n_rkhs=64, n_depth=1)

@@ -7,8 +7,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from amdim.config import preset
-from amdim.model import AMDIM
-from amdim.step import SUMS, EpochSums, TrainingStep
+from amdim.model.amdim import AMDIM
+from amdim.training.step import SUMS, EpochSums, TrainingStep
 
 CPU = torch.device("cpu")
 

@@ -5,13 +5,13 @@ import argparse
 import pytest
 import torch
 
-from amdim import benchmark, checkpoint
-from amdim.backbones import BackboneEncoder, build_encoder, nearest_stage
-from amdim.config import PretrainConfig, preset
-from amdim.encoder import Encoder, EncoderConfig
-from amdim.model import AMDIM
-from amdim.train import pretrain
-from test_train import tiny
+from amdim.config import EncoderConfig, PretrainConfig, preset
+from amdim.model.amdim import AMDIM
+from amdim.model.backbones import BackboneEncoder, build_encoder, nearest_stage
+from amdim.model.encoder import Encoder
+from amdim.training import benchmark, checkpoint
+from amdim.training.pretraining import pretrain
+from tests.training.test_pretraining import tiny
 
 TIMM_TINY = "timm:test_efficientnet"  # timm's 82k-parameter test model
 BACKBONES = ("resnet18", "resnet50", TIMM_TINY)

@@ -10,9 +10,10 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 from torchvision import datasets
 
 from amdim.config import preset
-from amdim.data import (ArrayImages, DataError, ImageClasses, ImageFiles, build_datasets,
-                        class_names, digits, labelled_split, skipped_files)
-from amdim.images import open_rgb, to_rgb
+from amdim.data.datasets import ArrayImages, class_names, digits, labelled_split
+from amdim.data.image_files import (DataError, ImageClasses, ImageFiles, open_rgb, skipped_files,
+                                    to_rgb)
+from amdim.training.inputs import build_datasets
 
 
 def save_image(path, size=(40, 30), value=None):
@@ -271,7 +272,8 @@ def test_npz_splits_as_in_shared_data(tmp_path):
     import numpy as np
 
     from amdim.config import preset
-    from amdim.data import build_datasets, labelled_split, normalisation
+    from amdim.data.datasets import labelled_split, normalisation
+    from amdim.training.inputs import build_datasets
 
     def write(path, n):
         streams, labels = [], []
@@ -409,7 +411,7 @@ def test_download_without_network_says_where_to_put_the_files(tmp_path, monkeypa
 
 
 def test_stored_image_size_of_names_folders_and_npz(tmp_path):
-    from amdim.data import stored_image_size
+    from amdim.data.datasets import stored_image_size
 
     assert stored_image_size("cifar10") == 32 and stored_image_size("stl10") == 96
     assert stored_image_size(str(labelled_folder(tmp_path / "f", size=(128, 96)))) == 128

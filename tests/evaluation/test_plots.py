@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amdim import checkpoint, plots
-from amdim.classifiers import Probes
 from amdim.config import preset
-from amdim.encoder import Encoder
+from amdim.evaluation import plots
+from amdim.model.classifiers import Probes
+from amdim.model.encoder import Encoder
+from amdim.training import checkpoint
 
 PNG = b"\x89PNG\r\n\x1a\n"
 KEYS = ("loss_1t5", "loss_1t7", "loss_5t5", "score_reg", "loss", "probe_linear_acc",

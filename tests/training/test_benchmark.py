@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from amdim import benchmark
-from test_tensor_data import write_npz
+from amdim.training import benchmark
+from tests.data.test_device_images import write_npz
 
 
 def run(argv):

@@ -6,11 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from amdim import augment as A
-from amdim import batch_policy as P
 from amdim.config import PRESETS, PretrainConfig, preset
-from amdim.faa_imagenet import FAA_IMAGENET
-from amdim.views import TwoViews, augmentation
+from amdim.views import augment as A, batch_policy as P
+from amdim.views.faa_imagenet import FAA_IMAGENET
+from amdim.views.image_views import TwoViews, augmentation
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
@@ -142,7 +141,7 @@ def test_presets_name_the_68_percent_recipe():
 
 
 def test_batched_policy_draws_follow_the_generators_seed():
-    from amdim.batch_views import BatchViews
+    from amdim.views.batch_views import BatchViews
     images = colour_images(8, 40, 40)
     views = BatchViews(32, MEAN, STD, augment="imagenet-faa")
     first = views(images, torch.Generator().manual_seed(3))

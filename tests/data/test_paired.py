@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from amdim.data import DataError
-from amdim.paired import PairedArrays, PairedFolder
-from amdim.view_sets import ViewSet, rgb_to_lab
+from amdim.data.image_files import DataError
+from amdim.data.paired import PairedArrays, PairedFolder
+from amdim.views.view_sets import ViewSet, rgb_to_lab
 
 
 def test_rgb_to_lab_matches_known_values():

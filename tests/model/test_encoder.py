@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from amdim import Encoder, EncoderConfig
-from amdim.nce import multiscale_nce
+from amdim.model.nce import multiscale_nce
 
 TINY = dict(ndf=8, n_rkhs=64, n_depth=2)
 

@@ -7,11 +7,11 @@ import torch
 from matplotlib.image import imread
 
 from amdim import Encoder, Probes
-from amdim.checkpoint import FORMAT, CheckpointError, save_atomic
 from amdim.config import PretrainConfig
-from amdim.mixture import MixtureHead
-from amdim.segment import (compare_maps, load_mixture_model, register, segment_images,
-                           spatial_coherence, within_image_structure)
+from amdim.evaluation.segment import (compare_maps, load_mixture_model, register, segment_images,
+                                      spatial_coherence, within_image_structure)
+from amdim.model.mixture import MixtureHead
+from amdim.training.checkpoint import FORMAT, CheckpointError, save_atomic
 
 TINY = dict(data="digits", image_size=32, ndf=8, n_rkhs=64, n_depth=1, batch_size=8, workers=0)
 

@@ -16,8 +16,8 @@ from torch.utils._pytree import tree_leaves
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms._functional_tensor import _rgb2hsv
 
-from amdim import batch_views as bv
-from amdim.views import RandomTranslateWithReflect, TwoViews, evaluation_transform
+from amdim.views import batch_views as bv
+from amdim.views.image_views import RandomTranslateWithReflect, TwoViews, evaluation_transform
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 BICUBIC = InterpolationMode.BICUBIC

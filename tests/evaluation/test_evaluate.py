@@ -8,13 +8,16 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from amdim import checkpoint, evaluate, extract, plots
-from amdim.classifiers import Probes
-from amdim.config import preset
-from amdim.data import STATS, ArrayImages, DataError, digits, labelled_split
-from amdim.encoder import Encoder, EncoderConfig
-from amdim.evaluate import EvaluationConfig, EvaluationError
-from amdim.views import augmentation, evaluation_transform
+from amdim.config import EncoderConfig, preset
+from amdim.data.datasets import STATS, ArrayImages, digits, labelled_split
+from amdim.data.image_files import DataError
+from amdim.evaluation import (classifier_training as evaluate, evaluate as evaluate_command,
+                              extract, plots)
+from amdim.evaluation.classifier_training import EvaluationConfig, EvaluationError
+from amdim.model.classifiers import Probes
+from amdim.model.encoder import Encoder
+from amdim.training import checkpoint
+from amdim.views.image_views import augmentation, evaluation_transform
 
 TINY = dict(image_size=32, ndf=8, n_rkhs=64, n_depth=1)
 
@@ -23,7 +26,7 @@ def run_cli(*argv) -> None:
     """`amdim COMMAND ...` with this suite's commands registered as cli.py registers them."""
     parser = argparse.ArgumentParser(prog="amdim")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (evaluate, extract, plots):
+    for module in (evaluate_command, extract, plots):
         module.register(subparsers)
     args = parser.parse_args([str(a) for a in argv])
     args.func(args)
@@ -322,7 +325,7 @@ def test_labelled_split_says_where_torchvision_sets_are_missing(tmp_path, name):
 
 
 def test_a_run_with_a_relative_data_path_evaluates_from_another_folder(tmp_path, monkeypatch):
-    from amdim.train import pretrain
+    from amdim.training.pretraining import pretrain
 
     image_folder(tmp_path / "work" / "images", n_train=8)
     monkeypatch.chdir(tmp_path / "work")

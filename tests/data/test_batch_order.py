@@ -1,10 +1,10 @@
 """One batch order and one seed rule for both data paths."""
 import torch
 
-from amdim.batch_order import batch_indices, derive_seed
-from amdim.batch_views import BatchViews
-from amdim.batches import EpochBatches
-from amdim.tensor_data import ImageCache, TrainBatches
+from amdim.data.batch_order import batch_indices, derive_seed
+from amdim.data.batches import EpochBatches, TrainBatches
+from amdim.data.device_images import ImageCache
+from amdim.views.batch_views import BatchViews
 
 
 def test_derive_seed_is_fixed_and_separates_streams():

@@ -10,15 +10,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from amdim import checkpoint, distributed
 from amdim.config import preset
-from amdim.data import DataError
-from amdim.encoder import Features
-from amdim.evaluate import ConcatenatedViews, EvaluationConfig, evaluate_checkpoint
-from amdim.extract import extract, load_features
-from amdim.multiview import MultiViewAMDIM, multiview_nce, view_layout
-from amdim.nce import SCORE_PENALTY, multiscale_nce
-from amdim.train import TrainingError, pretrain
+from amdim.data.image_files import DataError
+from amdim.evaluation.classifier_training import EvaluationConfig
+from amdim.evaluation.evaluate import ConcatenatedViews, evaluate_checkpoint
+from amdim.evaluation.extract import extract, load_features
+from amdim.model.encoder import Features
+from amdim.model.multiview import MultiViewAMDIM, multiview_nce, view_layout
+from amdim.model.nce import SCORE_PENALTY, multiscale_nce
+from amdim.training import checkpoint, distributed
+from amdim.training.pretraining import TrainingError, pretrain
 
 TINY = dict(ndf=8, n_rkhs=64, n_depth=1, batch_size=16, steps_per_epoch=3, warmup_steps=4,
             workers=0, final_probe=False, device="cpu")
@@ -162,7 +163,7 @@ FAST_EVALUATION = EvaluationConfig(mode="features", epochs=1, lr_milestones=(), 
 
 
 def test_evaluate_one_view_or_all_views_of_a_lab_run(tmp_path):
-    from test_evaluate import run_cli
+    from tests.evaluation.test_evaluate import run_cli
 
     pretrain(tiny(tmp_path / "run", epochs=1, views="lab"))
     path = tmp_path / "run" / "checkpoint.pt"
@@ -318,7 +319,7 @@ def worker(rank, world_size, port, out_dir):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_two_encoders(tmp_path):
-    from test_distributed import close, free_port
+    from tests.training.test_distributed import close, free_port
 
     mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     model = build()

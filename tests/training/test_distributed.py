@@ -12,10 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from amdim import checkpoint, distributed
-from amdim.classifiers import clipped_cross_entropy
 from amdim.config import preset
-from amdim.model import AMDIM
+from amdim.model.amdim import AMDIM
+from amdim.model.classifiers import clipped_cross_entropy
+from amdim.training import checkpoint, distributed
 
 CFG = preset("digits", ndf=8, n_rkhs=64, n_depth=1, lr=1e-3)
 BATCH = 8
