@@ -1,4 +1,5 @@
-"""`amdim pretrain`: self-supervised pretraining with online probes, checkpoints and resume.
+"""Self-supervised pretraining with online probes, checkpoints and resume (what `amdim
+pretrain` runs; its flags are in pretrain_command).
 
 `Pretraining` holds a run's state and reads as its stages: processes and device; data; model
 and optimiser, restored from the run folder's checkpoint when there is one; then per epoch the
