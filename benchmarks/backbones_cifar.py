@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from amdim import benchmark, checkpoint
-from amdim.backbones import build_encoder
 from amdim.config import preset
-from amdim.data import build_datasets
-from amdim.evaluate import linear_probe_accuracy
-from amdim.train import pretrain
+from amdim.model.backbones import build_encoder
+from amdim.model.frozen_features import linear_probe_accuracy
+from amdim.training import benchmark, checkpoint
+from amdim.training.inputs import build_datasets
+from amdim.training.pretraining import pretrain
 
 BACKBONES = ("amdim", "resnet18")  # trained and probed
 # (name, `amdim benchmark` flags): FLOP per image and parameters only, a few steps each

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from amdim import checkpoint
-from amdim.encoder import Encoder
-from amdim.evaluate import EvaluationConfig, evaluate_checkpoint
+from amdim.evaluation.classifier_training import EvaluationConfig
+from amdim.evaluation.evaluate import evaluate_checkpoint
+from amdim.model.encoder import Encoder
+from amdim.training import checkpoint
 
 
 def random_init_copy(path: Path) -> Path:

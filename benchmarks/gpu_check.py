@@ -39,8 +39,8 @@ IMAGENETTE = ("imagenette128_train.npz", "imagenette128_val.npz")
 EXIT_TIME_LIMIT = 75  # amdim pretrain stopped by --time-limit: a clean stop, resumable
 EVALUATE_S = 120  # what a pretraining step keeps for what follows the run (start-up margin too)
 NOT_POSSIBLE = {"ddp": "2-process DDP on the one GPU of the machine: NCCL refuses two ranks on "
-                       "one device; the gloo equivalence tests (tests/test_distributed.py) run "
-                       "on every CI run instead"}
+                       "one device; the gloo equivalence tests (tests/training/"
+                       "test_distributed.py) run on every CI run instead"}
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,7 @@ class Check:
     def step_gpu_tests(self) -> dict:
         argv = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
         if self.smoke:  # on a CPU the gpu tests skip: only the selection is checked
-            argv.append("tests/test_step.py")
+            argv.append("tests/training/test_step.py")
         return {"pytest": self.command(argv, self.step_left)}
 
     def _benchmark(self, name: str, preset: str, compile: bool, data: str | None = None) -> dict:

@@ -25,17 +25,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amdim import mixture
-from amdim.checkpoint import load_model
-from amdim.config import PretrainConfig, config_from_args
-from amdim.data import build_datasets, normalisation
-from amdim.evaluate import EvaluationConfig, evaluate_checkpoint
-from amdim.model import AMDIM
-from amdim.nce import nce_log_probs
-from amdim.segment import (compare_maps, load_mixture_model, pictures, posterior_maps,
-                           spatial_coherence, within_image_structure)
-from amdim.train import pretrain
-from amdim.train import register as register_pretrain
+from amdim.config import PretrainConfig
+from amdim.data.datasets import normalisation
+from amdim.evaluation.classifier_training import EvaluationConfig
+from amdim.evaluation.evaluate import evaluate_checkpoint
+from amdim.evaluation.segment import (compare_maps, load_mixture_model, pictures, posterior_maps,
+                                      spatial_coherence, within_image_structure)
+from amdim.model import mixture
+from amdim.model.amdim import AMDIM
+from amdim.model.nce import nce_log_probs
+from amdim.training.checkpoint import load_model
+from amdim.training.inputs import build_datasets
+from amdim.training.pretrain_command import config_from_args, register as register_pretrain
+from amdim.training.pretraining import pretrain
 from cpu_results import random_init_copy  # benchmarks/, beside this script
 
 DATA = "../shared/data/imagenette128_train.npz"

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from amdim.config import PRESETS, add_config_flags, config_from_args
-from amdim.mixture import assignments
-from amdim.segment import _test_images, load_mixture_model, segment_images, spatial_coherence
-from amdim.train import pretrain
+from amdim.config import PRESETS, add_config_flags
+from amdim.evaluation.segment import (_test_images, load_mixture_model, segment_images,
+                                      spatial_coherence)
+from amdim.model.mixture import assignments
+from amdim.training.pretrain_command import config_from_args
+from amdim.training.pretraining import pretrain
 
 
 def main() -> None:

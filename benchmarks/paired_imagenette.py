@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from amdim.config import preset
-from amdim.tensor_data import load_npz
-from amdim.train import pretrain
+from amdim.data.device_images import load_npz
+from amdim.training.pretraining import pretrain
 
 SHARED = Path("/work/shared/data")
 

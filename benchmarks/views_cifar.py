@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from amdim import checkpoint, multiview
 from amdim.config import preset
-from amdim.data import build_datasets
-from amdim.evaluate import compare_with_random_init
-from amdim.paired import build_view_datasets
-from amdim.train import pretrain
+from amdim.model import multiview
+from amdim.model.frozen_features import compare_with_random_init
+from amdim.training import checkpoint
+from amdim.training.inputs import build_datasets, build_view_datasets
+from amdim.training.pretraining import pretrain
 
 VIEWS = ("lab", "augment")
 

@@ -13,13 +13,15 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from amdim import evaluate, extract, segment
-from amdim.batch_views import BatchEvaluation, BatchViews
-from amdim.classifiers import Probes, knn_scores, train_epoch
-from amdim.data import STATS
-from amdim.encoder import Encoder, EncoderConfig
-from amdim.mixture import MixtureHead
-from amdim.tensor_data import EvalBatches, ImageCache
+from amdim.config import EncoderConfig
+from amdim.data.batches import EvalBatches
+from amdim.data.datasets import STATS
+from amdim.data.device_images import ImageCache
+from amdim.evaluation import classifier_training as evaluate, extract, segment
+from amdim.model.classifiers import Probes, knn_scores, train_epoch
+from amdim.model.encoder import Encoder
+from amdim.model.mixture import MixtureHead
+from amdim.views.batch_views import BatchEvaluation, BatchViews
 
 TINY = EncoderConfig(image_size=32, ndf=8, n_rkhs=64, n_depth=1, use_bn=True)
 CUDA = torch.device("cuda")
@@ -142,8 +144,9 @@ def test_pretraining_forward_and_sums_on_fake_cuda(fake_cuda, precision):
     """amdim pretrain's and amdim benchmark's step up to the backward (which fake CUDA cannot
     run): the model channels-last under autocast, its outputs summed on the device."""
     from amdim.config import preset
-    from amdim.model import AMDIM
-    from amdim.step import EpochSums, autocast_for, step_values
+    from amdim.model.amdim import AMDIM
+    from amdim.runtime import autocast_for
+    from amdim.training.step import EpochSums, step_values
 
     cfg = preset("digits", ndf=8, n_rkhs=64, n_depth=1, batch_size=4, precision=precision)
     model = on_cuda(lambda: AMDIM(cfg, 10).to(memory_format=torch.channels_last))

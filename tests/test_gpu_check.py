@@ -78,7 +78,7 @@ def test_exit_75_is_a_clean_stop_and_a_timeout_is_not_a_failure():
 @pytest.mark.parametrize("name, tag", [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"),
                                        ("NVIDIA A100-SXM4-80GB", "a100"), ("Some GPU", "gpu")])
 def test_results_are_tagged_by_the_device_and_mfu_uses_its_peak(name, tag):
-    from amdim.benchmark import peak_flops_for
+    from amdim.training.benchmark import peak_flops_for
 
     assert gpu_check.device_tag(name) == tag
     assert peak_flops_for("NVIDIA H200") == peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12

@@ -11,8 +11,9 @@ import logging
 import sys
 
 # command modules, in the order `amdim --help` lists them
-COMMANDS = ("amdim.train", "amdim.evaluate", "amdim.extract", "amdim.export", "amdim.plots",
-            "amdim.segment", "amdim.benchmark")
+COMMANDS = ("amdim.training.pretrain_command", "amdim.evaluation.evaluate",
+            "amdim.evaluation.extract", "amdim.training.export", "amdim.evaluation.plots",
+            "amdim.evaluation.segment", "amdim.training.benchmark")
 
 
 def main(argv: list[str] | None = None) -> None:

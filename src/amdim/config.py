@@ -1,19 +1,81 @@
-"""Pretraining configuration: one frozen dataclass, named presets, and per-dataset statistics.
+"""The configuration every wing reads, and that imports no wing: the encoder's architecture
+(EncoderConfig) and pretraining's (PretrainConfig) as frozen dataclasses, the named presets,
+and one CLI flag per field.
 
-Every field is a CLI flag of `amdim pretrain` (`n_rkhs` -> `--n-rkhs`); a preset only changes
-defaults, and any flag overrides it.
+Every PretrainConfig field is a CLI flag of `amdim pretrain` (`n_rkhs` -> `--n-rkhs`); a preset
+only changes defaults, and any flag overrides it.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
+# the image sizes the encoder has an architecture for, and the views a recipe (views.image_views)
+IMAGE_SIZES = (32, 64, 128)
 
-from .encoder import EncoderConfig
+
+# the standard backbones model.backbones builds (validated here, with the config)
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's
+TIMM_PREFIX = "timm:"
+PRETRAINED = ("pretrained weights are never downloaded: amdim trains backbones from random "
+              "init, offline. Train from scratch (drop ':pretrained'), or load weights you have "
+              "into encoder.trunk yourself (encoder.trunk.load_state_dict)")
+
+
+def check_backbone(name: str) -> None:
+    """Raise ValueError unless name is amdim, a torchvision ResNet or timm:<model>."""
+    if name.endswith(":pretrained"):
+        raise ValueError(f"backbone {name!r}: {PRETRAINED}")
+    if name == "amdim" or name in RESNETS:
+        return
+    if not name.startswith(TIMM_PREFIX) or len(name) == len(TIMM_PREFIX):
+        raise ValueError(f"unknown backbone {name!r}; use amdim (the paper's encoder), one of "
+                         f"{', '.join(RESNETS)} (torchvision), or timm:<model name>")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Architecture of the encoder; the paper's names, the authors' defaults."""
+
+    image_size: int = 32  # input height = width in pixels: 32, 64 or 128
+    ndf: int = 128  # width of the first trunk layer; later stages use 2x, 4x (and 8x)
+    n_rkhs: int = 1024  # width of the three embeddings
+    n_depth: int = 3  # residual layers in each ConvResBlock
+    use_bn: bool = False  # batch norm inside the trunk (the embedding heads always normalise)
+    # amdim: the paper's encoder (this module); resnet18, resnet50, ... or timm:<name>: a
+    # standard backbone under the paper's heads (model.backbones), for which ndf and n_depth
+    # do not apply
+    backbone: str = "amdim"
+    # channels of the input images: 3 (RGB) for the paper; 1 or 2 for a view such as the L or
+    # ab channels of CIE Lab, any count for a view from the data (model.multiview)
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        if self.backbone != "amdim":
+            check_backbone(self.backbone)
+            if self.in_channels != 3:
+                raise ValueError(f"backbone {self.backbone!r} takes RGB images; a view with "
+                                 f"{self.in_channels} channels needs --backbone amdim")
+        if self.image_size not in IMAGE_SIZES:
+            raise ValueError(
+                f"image_size {self.image_size} has no AMDIM encoder; use one of {IMAGE_SIZES} "
+                "(resize or crop your images to one of these sizes)"
+            )
+        for name in ("ndf", "n_rkhs", "n_depth", "in_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.backbone == "amdim" and self.n_rkhs < self.trunk_width:
+            raise ValueError(
+                f"n_rkhs={self.n_rkhs} is smaller than the last trunk width "
+                f"{self.trunk_width} (= {self.trunk_width // self.ndf} x ndf for "
+                f"{self.image_size} px); raise n_rkhs to at least {self.trunk_width} or lower ndf"
+            )
+
+    @property
+    def trunk_width(self) -> int:
+        """Channels of the 7x7 and 5x5 trunk maps: 4*ndf at 32 px, 8*ndf at 64 and 128 px."""
+        return self.ndf * (4 if self.image_size == 32 else 8)
 
 
 def _field(default, help: str, choices: tuple | None = None):
@@ -42,7 +104,7 @@ class PretrainConfig:
     tclip: float = _field(20.0, "NCE scores are soft-clipped to (-tclip, tclip)")
     n_mixtures: int = _field(1, "mixture components per global feature (paper 3.7); 1: plain AMDIM")
     mixture_entropy: float = _field(1.0, "alpha: weight of the entropy bonus of the mixture posterior")
-    # views (amdim.multiview): where the two (or more) views of a context come from
+    # views (model.multiview): where the two (or more) views of a context come from
     views: str = _field("augment", "augment: two augmented copies of each image, one shared encoder (the paper's CIFAR/ImageNet setting); lab: the L and ab channels of CIE Lab of each RGB image, one encoder each; paired: the data's own views (--data a folder <root>/<view>/<file> or an .npz of view_<name> arrays)",
                         choices=("augment", "lab", "paired"))
     view_encoders: str = _field("auto", "with --views lab or paired: shared: one encoder for every view (views of the same shape and kind, e.g. two cameras); separate: one encoder per view; auto: shared when every view has the same channel count, else separate (lab: always separate)",
@@ -184,47 +246,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, e.g. under taskset or a container's
-    cpuset), not the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 autocast runs natively on device: Ampere or newer GPUs; CPUs with
-    AVX512-BF16 or AMX (elsewhere CPU bf16 is emulated and slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_runtime(cfg: PretrainConfig, device: torch.device, data_path: str,
-                    processes_here: int = 1) -> PretrainConfig:
-    """cfg with its automatic runtime settings made concrete for this machine (the values
-    config.json records): precision, loader workers and compute threads. The cores of this
-    machine are shared by its `processes_here` processes; compute threads plus loader workers
-    never exceed them (more threads than cores spin against each other: 10x slower, measured)."""
-    cores = max(1, available_cores() // processes_here)
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if native_bf16(device) else "fp32"
-    workers = cfg.workers
-    if workers < 0:  # the device path builds views in the main process
-        limit = 8 if device.type == "cuda" else 1  # on a CPU every worker takes a compute core
-        workers = 0 if data_path == "device" else min(limit, cores - 1)
-    threads = cfg.threads or max(1, cores - (workers if device.type == "cpu" else 0))
-    return dataclasses.replace(cfg, precision=precision, workers=workers, threads=threads)
-
-
 def milestone_factor(epoch: int, milestones: tuple[int, ...], gamma: float) -> float:
     """The step decay of the learning rate at `epoch` (0-based): gamma per milestone passed.
     As in the authors' code (their MultiStepLR is stepped with the finished epoch's index),
@@ -238,21 +259,6 @@ def preset(name: str, **overrides) -> PretrainConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PretrainConfig.from_dict({**PRESETS[name], **overrides})
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda if available, else cpu; any other torch device name as is."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        hint = " (a GPU is cuda)" if name.lower().startswith("gpu") else ""
-        raise ValueError(f"--device {name!r} is not a device{hint}; use auto, cpu, cuda or "
-                         "cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -279,36 +285,3 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _shown(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value).replace("%", "%%")
-
-
-def choose_preset(data: str, device: str = "auto", data_root: str = "data") -> tuple[str, str]:
-    """(preset, why) for --data without --preset: by the data's stored image size and whether
-    training runs on a GPU. CPU: cifar-cpu up to 48 px, else imagenette-cpu (64 px); GPU:
-    cifar-small up to 48 px, stl10 (64 px) up to 96 px, else imagenet-small (128 px)."""
-    from .data import stored_image_size  # the data module needs this one
-
-    if data == "digits":
-        return "digits", None
-    size = stored_image_size(data, data_root)
-    gpu = resolve_device(device).type == "cuda"
-    if size is None:  # not readable yet: the run will say why
-        size = 32
-    if gpu:
-        name = "cifar-small" if size <= 48 else "stl10" if size <= 96 else "imagenet-small"
-    else:
-        name = "cifar-cpu" if size <= 48 else "imagenette-cpu"
-    return name, f"{size} px images, training on {'a GPU' if gpu else 'the CPU'}"
-
-
-def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    """The preset (--preset; without it, chosen for --data by choose_preset) with every flag
-    given applied. The choice is in `args.preset_chosen` afterwards: (name, why or None)."""
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)
-                 if getattr(args, f.name) is not None}
-    name, why = getattr(args, "preset", None), None
-    if name is None:
-        name, why = choose_preset(overrides.get("data", "digits"),
-                                  overrides.get("device", "auto"),
-                                  overrides.get("data_root", "data"))
-    args.preset_chosen = (name, why)
-    return preset(name, **overrides)

@@ -1,0 +1,250 @@
+"""Image datasets for pretraining and evaluation.
+
+`build_datasets(cfg)` gives the pretraining set (each item: ((view1, view2), label)) and the
+labelled test set (each item: (image, label), deterministic transform). Labels are -1 where an
+image has none (STL-10's unlabelled split, an unlabelled folder): the probes ignore those.
+
+Image folders are checked when they are built: every file is decoded once (cheaply, see
+images.problem), so a truncated or non-image file is skipped with a warning and listed in the
+dataset's `skipped` (`skipped_files(dataset)`), or, with strict, stops the run with a DataError
+before it starts. Folder layouts that cannot work raise a DataError saying what to change.
+"""
+from __future__ import annotations
+
+import os
+import urllib.error
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets
+
+from .device_images import load_npz, npz_first_image
+from .image_files import IMAGE_EXTENSIONS, DataError, ImageClasses, ImageFiles
+
+# per-dataset normalisation (mean, std), the authors' values where they give them
+STATS = {
+    "cifar10": ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),
+    "cifar100": ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276)),
+    "stl10": ((0.43, 0.42, 0.39), (0.27, 0.26, 0.27)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # any image folder
+    "digits": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+KNOWN = ("digits", "cifar10", "cifar100", "stl10")
+KNOWN_SIZES = {"digits": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}  # stored px
+DOWNLOADS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+             "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+             "stl10": "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"}
+
+
+def resolved_data(data: str) -> str:
+    """A --data path as an absolute path (so that other spellings and other working folders
+    name the same data); dataset names as they are."""
+    if data.lower() in KNOWN:
+        return data
+    return str(Path(data).expanduser().resolve())
+
+
+def stored_image_size(data: str, data_root: str = "data") -> int | None:
+    """The larger side in px of the data's first image as stored (a known dataset's by name);
+    None where it cannot be read (the run itself will then say why)."""
+    if data.lower() in KNOWN_SIZES:
+        return KNOWN_SIZES[data.lower()]
+    path = Path(data)
+    try:
+        if path.suffix.lower() == ".npz":
+            return max(npz_first_image(path).size)
+        for parent, dirs, names in os.walk(path, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
+                    with Image.open(Path(parent, name)) as image:
+                        return max(image.size)
+    except Exception:  # noqa: BLE001 - any unreadable file: the run reports it properly
+        return None
+    return None
+
+
+def dataset_name(data: str) -> str:
+    """The dataset a --data value holds: a name as is; a folder named cifar10, or
+    cifar10_jpeg_train.npz, counts as cifar10; other paths by their last component."""
+    name = Path(data).name.lower()
+    return name.split("_")[0] if name.endswith(".npz") else name
+
+
+def normalisation(data: str) -> tuple[tuple, tuple]:
+    """(mean, std) for a dataset name, folder or .npz file: the dataset's own where known,
+    else ImageNet's."""
+    return STATS.get(dataset_name(data), STATS["imagenet"])
+
+
+class ArrayImages(Dataset):
+    """uint8 images (N, H, W, 3) in memory with int labels, served as PIL images."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable,
+                 classes: list[str] | None = None):
+        self.images, self.labels, self.transform = images, labels.astype(np.int64), transform
+        if classes:
+            self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+def digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 handwritten digits (8x8, shipped inside the package, no download),
+    upscaled to 32x32 RGB; a fixed 80/20 train/test split. Returns uint8 (N, 32, 32, 3), labels."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images / 16.0).float()[:, None]  # (N, 1, 8, 8) in [0, 1]
+    images = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear")
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
+    images = images.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 3)
+    order = np.random.default_rng(0).permutation(len(images))
+    cut = int(0.8 * len(images))
+    keep = order[:cut] if split == "train" else order[cut:]
+    return np.ascontiguousarray(images[keep]), bunch.target[keep]
+
+
+def _torchvision(name: str, root: str, split: str, download: bool, transform: Callable):
+    """split: "pretrain" (STL-10: train+unlabeled), "train" or "test"."""
+    try:
+        if name == "stl10":
+            split = {"pretrain": "train+unlabeled"}.get(split, split)
+            return datasets.STL10(root, split=split, download=download, transform=transform)
+        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        return cls(root, train=split != "test", download=download, transform=transform)
+    except (urllib.error.URLError, OSError) as error:  # no network, or a proxy in the way
+        if not download:
+            raise
+        reason = getattr(error, "reason", None) or error
+        raise DataError(f"could not download {name} ({reason}): is there no network here? "
+                        f"Fetch {DOWNLOADS[name]} elsewhere, put the archive (or its unpacked "
+                        f"folder) in {Path(root).resolve()}, and run without --download") from None
+    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+        hint = "" if download else " or pass --download to fetch it"
+        raise DataError(f"{name} not found under {Path(root).resolve()} ({error}); point "
+                        f"--data-root at the folder that holds it{hint}") from None
+
+
+def _folder_split(root: Path, names: tuple[str, ...]) -> Path | None:
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def _npz_images(path: Path, transform: Callable, strict: bool = False) -> ArrayImages:
+    """A compact .npz split (JPEG streams laid end to end, as in shared/data) decoded once."""
+    cache = load_npz(path, strict=strict)  # images (N, 3, H, W) uint8 on the CPU
+    images = ArrayImages(cache.images.permute(0, 2, 3, 1).numpy(), cache.labels.numpy(),
+                         transform, list(cache.classes) or None)
+    images.skipped = list(cache.skipped)  # undecodable entries, left out (skipped_files)
+    return images
+
+
+def _npz_split(path: Path, split: str) -> Path | None:
+    """cifar10_jpeg_train.npz -> itself for "train"; cifar10_jpeg_test.npz or _val.npz for "test"."""
+    if split == "train":
+        return path
+    stem = path.name[:-len("_train.npz")] if path.name.endswith("_train.npz") else None
+    return next((path.with_name(f"{stem}_{s}.npz") for s in ("test", "val")
+                 if stem and path.with_name(f"{stem}_{s}.npz").is_file()), None)
+
+
+def _existing_folder(data: str) -> Path:
+    root = Path(data)
+    if not root.exists():
+        raise DataError(f"--data {data!r} is neither a known dataset ({', '.join(KNOWN)}) "
+                        f"nor an existing folder ({root.resolve()} does not exist); check the "
+                        "path")
+    if not root.is_dir():
+        raise DataError(f"--data {data!r} is a file, not a folder; pass the folder that holds "
+                        f"the images (or train/<class>/ and val/<class>/)")
+    return root
+
+
+def _same_classes(train: ImageClasses, test: ImageClasses) -> None:
+    only_train = sorted(set(train.classes) - set(test.classes))
+    only_test = sorted(set(test.classes) - set(train.classes))
+    if only_train or only_test:
+        raise DataError(f"{train.root} and {test.root} must hold the same class folders; only in "
+                        f"{train.root.name}/: {only_train}, only in {test.root.name}/: "
+                        f"{only_test}. Add or remove class folders so that they match")
+
+
+def pretraining_datasets(cfg, views: Callable, test_transform: Callable
+                         ) -> tuple[Dataset, Dataset | None, int]:
+    """(pretraining set, test set or None, number of classes or 0) for a PretrainConfig: the
+    training images through `views` (each item: (views, label)), the test images through
+    `test_transform`."""
+    name = cfg.data.lower()
+    if name == "digits":
+        train = ArrayImages(*digits("train"), transform=views)
+        return train, ArrayImages(*digits("test"), transform=test_transform), 10
+    if name in ("cifar10", "cifar100", "stl10"):
+        train = _torchvision(name, cfg.data_root, "pretrain", cfg.download, views)
+        test = _torchvision(name, cfg.data_root, "test", cfg.download, test_transform)
+        return train, test, {"cifar10": 10, "cifar100": 100, "stl10": 10}[name]
+    if name.endswith(".npz"):
+        train = _npz_images(Path(cfg.data), views, cfg.strict_data)
+        test_path = _npz_split(Path(cfg.data), "test")
+        test = _npz_images(test_path, test_transform, cfg.strict_data) if test_path else None
+        return train, test, len(class_names(train))
+    root = _existing_folder(cfg.data)
+    train_dir = _folder_split(root, ("train",))
+    if train_dir is None:  # a plain folder of images: unlabelled pretraining, no probes
+        return ImageFiles(root, views, cfg.strict_data), None, 0
+    train = ImageClasses(train_dir, views, cfg.strict_data)
+    test_dir = _folder_split(root, ("val", "test"))
+    test = ImageClasses(test_dir, test_transform, cfg.strict_data) if test_dir else None
+    if test is not None:
+        _same_classes(train, test)
+    return train, test, len(train.classes)
+
+
+def labelled_split(data: str, split: str, transform: Callable, data_root: str = "data",
+                   download: bool = False, strict: bool = False) -> Dataset:
+    """The labelled `split` ("train" or "test") of a dataset for evaluation; items (image, label).
+
+    data: digits, cifar10, cifar100, stl10 (its 5,000 labelled training images, not the
+    unlabelled split), an NAME_train.npz file (beside NAME_test.npz or NAME_val.npz), or a
+    folder holding train/<class>/ and val/<class>/ (or test/<class>/),
+    whose unreadable files are skipped (strict: raise DataError).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    name = data.lower()
+    if name == "digits":
+        return ArrayImages(*digits(split), transform=transform)
+    if name in ("cifar10", "cifar100", "stl10"):
+        return _torchvision(name, data_root, split, download, transform)
+    if name.endswith(".npz"):
+        path = _npz_split(Path(data), split)
+        if path is None:
+            raise DataError(f"no test split beside {data}: expected a file named like "
+                            f"{Path(data).name.replace('_train', '_test')}")
+        return _npz_images(path, transform, strict)
+    root = _existing_folder(data)
+    names = ("train",) if split == "train" else ("val", "test")
+    folder = _folder_split(root, names)
+    if folder is None:
+        raise DataError(f"{root} has no {' or '.join(n + '/' for n in names)} subfolder; labelled "
+                        f"evaluation needs {root}/train/<class>/ and {root}/val/<class>/ (or test/)")
+    return ImageClasses(folder, transform, strict)
+
+
+def class_names(dataset: Dataset) -> list[str]:
+    """The class names of a labelled dataset (the label as a string where it has none)."""
+    classes = getattr(dataset, "classes", None)
+    if classes is not None:
+        return [str(c) for c in classes]
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise DataError(f"{type(dataset).__name__} has neither `classes` nor `labels`; cannot "
+                        "tell how many classes it holds")
+    return [str(c) for c in range(int(np.max(labels)) + 1)]

@@ -1,0 +1,278 @@
+"""`amdim benchmark`: how fast pretraining runs on this machine, as one JSON object.
+
+Measures, for a preset (any field overridable by the flags below):
+- the training step alone on synthetic inputs, as `amdim pretrain` takes it (model.AMDIM:
+  encoder forward on each view, multiscale NCE, online probes; backward; Adam step, fused on
+  CUDA);
+- with --data NPZ, the same step fed end to end by the device-resident data path
+  (data.batches.TrainBatches: the dataset decoded once onto the device, views built there),
+  and the view building alone;
+- peak device memory, FLOP per image (FlopCounterMode on one forward + backward, divided by
+  the batch size) and MFU = achieved FLOP/s / peak FLOP/s.
+An "image" is one source image, i.e. two views. benchmarks/README.md explains every field.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..config import PRESETS, PretrainConfig, preset
+from ..data.batches import TrainBatches
+from ..data.datasets import normalisation
+from ..data.device_images import load_npz
+from ..data.image_files import DataError
+from ..model.amdim import AMDIM
+from ..runtime import native_bf16, resolve_device, resolve_runtime
+from ..views.batch_views import BatchViews
+from .step import TrainingStep, configure_device
+
+# bf16 dense tensor-core peaks (FLOP/s, no sparsity) from the vendor's data sheets, by a part
+# of the device's name, most specific first: the default peak for MFU on that device
+BF16_DENSE_PEAKS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+                    ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12))
+N_CLASSES = 10  # outputs of the online probes timed with the step (their cost is tiny)
+log = logging.getLogger(__name__)
+
+
+def peak_flops_for(device_name: str) -> float | None:
+    """The bf16 dense peak of a device from its name, or None for a device not listed."""
+    return next((peak for part, peak in BF16_DENSE_PEAKS if part in device_name), None)
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _model_step(cfg: PretrainConfig, device: torch.device, compile: bool) -> TrainingStep:
+    """The training step `amdim pretrain` runs (step.TrainingStep), on a fresh model with
+    online probes of N_CLASSES outputs."""
+    model = AMDIM(cfg, N_CLASSES).to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return TrainingStep(cfg, model, device, torch.compile(model) if compile else None)
+
+
+def _flop_per_step(step: TrainingStep, view1: torch.Tensor, view2: torch.Tensor,
+                   labels: torch.Tensor) -> int:
+    """FLOP of one forward + backward (matmuls and convolutions), counted eagerly."""
+    with FlopCounterMode(display=False) as counter:
+        step.forward_backward(view1, view2, labels, step.model)
+    step.optimiser.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def _timed(step: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of step(), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    _synchronise(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _synchronise(device)
+    return (time.perf_counter() - start) / steps
+
+
+def _endless(batches: TrainBatches):
+    while True:  # epoch after epoch
+        yield from batches
+
+
+def benchmark(cfg: PretrainConfig, device: torch.device, steps: int = 20, warmup: int = 5,
+              compile: bool = False, data: str | None = None, peak_flops: float | None = None
+              ) -> dict:
+    """Measure pretraining speed for cfg (precision and memory format as it says) on device;
+    returns the JSON-ready results."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps}, {warmup}")
+    torch.manual_seed(cfg.seed)
+    configure_device(device)  # TF32 and autotuned convolutions, as pretraining runs
+    batch, size = cfg.batch_size, cfg.image_size
+    step = _model_step(cfg, device, compile)
+    inputs = [torch.randn(batch, 3, size, size, device=device) for _ in range(2)]
+    inputs.append(torch.randint(0, N_CLASSES, (batch,), device=device))
+    flop_per_image = _flop_per_step(step, *inputs) / batch
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    log.info("timing %d training steps (after %d warm-up steps) on %s", steps, warmup, device)
+    start = time.perf_counter()  # the first step alone: with compile, mostly compilation
+    step(*inputs, cfg.lr)
+    _synchronise(device)
+    first_step_s = time.perf_counter() - start
+    step_s = _timed(lambda: step(*inputs, cfg.lr), steps, max(warmup - 1, 0), device)
+    results = {
+        "preset": None, "device": _device_name(device), "torch": torch.__version__,
+        "backbone": cfg.backbone, "encoder_parameters": sum(  # trained ones only
+            p.numel() for p in step.model.encoder.parameters() if p.requires_grad),
+        "batch_size": batch, "image_size": size, "precision": cfg.precision,
+        "compile": compile, "channels_last": cfg.channels_last, "steps": steps, "warmup": warmup,
+        "first_step_s": first_step_s,
+        "train_step_ms": 1e3 * step_s, "train_images_per_s": batch / step_s,
+        "flop_per_image": flop_per_image, "achieved_flop_per_s": flop_per_image * batch / step_s,
+        "peak_flop_per_s": peak_flops, "mfu": None,
+        "data": data, "n_images": None, "decode_s": None, "cache_bytes": None,
+        "augment_images_per_s": None, "end_to_end_step_ms": None,
+        "end_to_end_images_per_s": None, "mfu_end_to_end": None,
+        "peak_memory_bytes": None,
+    }
+    if peak_flops:
+        results["mfu"] = results["achieved_flop_per_s"] / peak_flops
+    if data is not None:
+        results.update(_end_to_end(cfg, step, device, data, steps, warmup))
+        if peak_flops:
+            results["mfu_end_to_end"] = (flop_per_image * results["end_to_end_images_per_s"]
+                                         / peak_flops)
+    if device.type == "cuda":
+        results["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    results["config"] = json.loads(json.dumps(cfg.to_dict()))  # tuples as JSON lists
+    return results
+
+
+def _end_to_end(cfg: PretrainConfig, step: TrainingStep, device: torch.device, data: str,
+                steps: int, warmup: int) -> dict:
+    start = time.perf_counter()
+    cache = load_npz(data, device)
+    _synchronise(device)
+    decode_s = time.perf_counter() - start
+    views = BatchViews(cfg.image_size, *normalisation(cfg.data),  # as make_batches builds them
+                       channels_last=cfg.channels_last, augment=cfg.augment, seed=cfg.seed)
+    batches = TrainBatches(cache, views, cfg.batch_size, seed=cfg.seed)
+    height, width = cache.images.shape[2:]
+    log.info("%s: %d images of %dx%d px decoded onto %s in %.1f s", data, len(cache), width,
+             height, device, decode_s)
+    if min(height, width) < cfg.image_size:
+        log.warning("%s holds %dx%d px images, smaller than the preset's %d px: views will be "
+                    "upscaled", data, width, height, cfg.image_size)
+    stream = _endless(batches)
+    augment_s = _timed(lambda: next(stream), steps, warmup, device)
+
+    def end_to_end_step():
+        (view1, view2), labels = next(stream)
+        step(view1, view2, labels.clamp(max=N_CLASSES - 1), cfg.lr)  # probes: N_CLASSES outputs
+
+    step_s = _timed(end_to_end_step, steps, warmup, device)
+    return {"n_images": len(cache), "decode_s": decode_s, "cache_bytes": cache.nbytes,
+            "augment_images_per_s": cfg.batch_size / augment_s,
+            "end_to_end_step_ms": 1e3 * step_s,
+            "end_to_end_images_per_s": cfg.batch_size / step_s}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, " \
+           f"{torch.get_num_threads()} threads)"
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    overrides = {"seed": args.seed, "device": str(device)}
+    for name in ("batch_size", "precision", "channels_last", "threads", "n_rkhs", "ndf",
+                 "n_depth", "backbone", "image_size"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    # what `amdim pretrain` would run here: its precision, memory format and threads
+    cfg = resolve_runtime(preset(args.preset, **overrides), device, "device")
+    torch.set_num_threads(cfg.threads)
+    compile = device.type == "cuda" if args.compile is None else args.compile
+    peak = args.peak_flops
+    if peak is None and device.type == "cuda":
+        peak = peak_flops_for(_device_name(device))
+        if peak is None:
+            log.warning("no known bf16 peak for %s: give --peak-flops for MFU",
+                        _device_name(device))
+    if not args.compare:
+        results = {**benchmark(cfg, device, args.steps, args.warmup, compile, args.data, peak),
+                   "preset": args.preset}
+    else:
+        results = {"preset": args.preset, "modes": compare_modes(
+            cfg, device, args.steps, args.warmup, compile, args.data, peak)}
+    results["command"] = "amdim benchmark " + " ".join(sys.argv[2:])
+    text = json.dumps(results, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return results
+
+
+def compare_modes(cfg: PretrainConfig, device: torch.device, steps: int, warmup: int,
+                  compile: bool, data: str | None, peak: float | None) -> list[dict]:
+    """benchmark() of each of fp32 / bf16 (where native) x NCHW / channels-last (x eager /
+    compiled with compile), side by side in one process; each with its speed-up over the
+    first, fp32 NCHW eager (the package's step before these options)."""
+    precisions = ("fp32", "bf16") if native_bf16(device) else ("fp32",)
+    modes = [(p, cl, c) for c in sorted({False, compile}) for p in precisions
+             for cl in (False, True)]
+    results = []
+    for precision, channels_last, compiled in modes:
+        mode = replace(cfg, precision=precision, channels_last=channels_last)
+        results.append(benchmark(mode, device, steps, warmup, compiled, data, peak))
+        for key in ("train_images_per_s", "end_to_end_images_per_s"):
+            if results[-1][key] is not None:
+                results[-1][f"{key}_speedup"] = results[-1][key] / results[0]["train_images_per_s"]
+        log.info("%s %s %s: %.1f images/s", precision, "channels-last" if channels_last else
+                 "NCHW", "compiled" if compiled else "eager", results[-1]["train_images_per_s"])
+    return results
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "benchmark", help="measure pretraining throughput, memory, FLOP and MFU",
+        description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="digits", choices=sorted(PRESETS),
+                        help="configuration to measure (default: digits)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (default: 20)")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed steps first, for compilation and autotuning (default: 5)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="autocast precision (default: the preset's, auto as amdim pretrain)")
+    parser.add_argument("--threads", type=int, help="compute threads (default: the usable cores)")
+    parser.add_argument("--ndf", type=int, help="trunk width (default: the preset's)")
+    parser.add_argument("--n-rkhs", type=int, help="embedding width (default: the preset's)")
+    parser.add_argument("--n-depth", type=int, help="layers per block (default: the preset's)")
+    parser.add_argument("--backbone", help="amdim, resnet18, resnet50, ... or timm:<model> "
+                                           "(default: the preset's, amdim)")
+    parser.add_argument("--image-size", type=int, choices=(32, 64, 128),
+                        help="input side in px (default: the preset's)")
+    parser.add_argument("--compare", action="store_true",
+                        help="time fp32/bf16 x NCHW/channels-last (x eager/compiled with "
+                             "--compile) side by side, with speed-ups over fp32 NCHW eager")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the encoder and the loss (default: on CUDA only)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels-last memory format for the model and its inputs "
+                             "(default: on, as amdim pretrain)")
+    parser.add_argument("--data", metavar="NPZ",
+                        help="also time end to end on this .npz dataset, held on the device")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
+    parser.add_argument("--peak-flops", type=float,
+                        help="peak FLOP/s for MFU (default on CUDA: the bf16 dense peak of "
+                             "the device's name, e.g. 989e12 for an H100 SXM or H200; no MFU "
+                             "on CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", metavar="JSON", help="also write the results to this file")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    """run() for the command line: impossible settings end in a message, not a traceback."""
+    try:
+        if args.steps < 1 or args.warmup < 0:
+            raise ValueError(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, "
+                             f"{args.warmup})")
+        return run(args)
+    except (ValueError, DataError) as error:
+        raise SystemExit(f"amdim benchmark: {error}") from None

@@ -1,0 +1,156 @@
+"""The run folder of `amdim pretrain`: its lock, its files, and the rules for resuming it.
+
+A run folder holds config.json, metrics.jsonl, TensorBoard events and checkpoint.pt. One run
+at a time writes into it (an flock that dies with the process); rerunning the same command
+resumes the run, and a command whose settings would change the run is refused.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..config import PretrainConfig
+from ..data.datasets import resolved_data
+
+log = logging.getLogger("amdim")
+CHECKPOINT = "checkpoint.pt"
+LOCK = "lock"  # held (flock) by the run writing into the folder; names its PID and host
+# exit status of `amdim pretrain` when stopped early (the run resumes from its checkpoint)
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "time limit": 75}  # 75: EX_TEMPFAIL
+# settings a resumed run may change; every other field must equal the saved run's
+RESUMABLE = {"epochs", "workers", "threads", "device", "run_dir", "data_root", "download",
+             "log_every", "final_probe", "skip_nonfinite", "strict_data", "data_path", "compile",
+             "time_limit", "channels_last", "final_probe_images"}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on, with what to do about it."""
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM set `requested`; the loop saves and stops at the next step boundary.
+    A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.requested: str | None = None
+
+    def _handle(self, number, frame):
+        if self.requested and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(number).name
+        log.warning("%s received: saving a checkpoint at the end of this step", self.requested)
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+def check_same_run(saved: dict, cfg: PretrainConfig, path: Path) -> None:
+    """Refuse to resume a run whose saved settings differ from cfg (but for RESUMABLE ones);
+    a field the saved run predates counts as its default."""
+    current = cfg.to_dict()
+    saved = {**PretrainConfig().to_dict(), **saved}
+    if "data" in saved:  # older runs saved the path as typed, relative to where they ran
+        saved = {**saved, "data": resolved_data(saved["data"])}
+    diffs = [f"{k}: saved {saved.get(k)!r}, requested {current[k]!r}" for k in current
+             if k not in RESUMABLE and _plain(saved.get(k)) != _plain(current[k])]
+    if diffs:
+        raise TrainingError(
+            f"{path} holds a run with other settings ({'; '.join(diffs)}). Resume it with the "
+            "same settings, or start a new run with another --run-dir.")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+@contextmanager
+def explain_out_of_memory(cfg: PretrainConfig, path: Path):
+    kept = (f"the last checkpoint {path} is kept and the run resumes from it" if path.exists()
+            else "no checkpoint had been saved yet")
+    smaller = f"lower --batch-size (e.g. --batch-size {max(2, cfg.batch_size // 2)})"
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise TrainingError(f"out of GPU memory with batch_size {cfg.batch_size}: {smaller}, "
+                            f"use --precision bf16, or a smaller model; {kept}") from None
+    except (RuntimeError, MemoryError) as error:  # the CPU allocator raises a RuntimeError
+        if not isinstance(error, MemoryError) and "can't allocate memory" not in str(error):
+            raise
+        raise TrainingError(
+            f"out of CPU memory (RAM) with batch_size {cfg.batch_size} and ndf {cfg.ndf}: "
+            f"{smaller} or use a smaller model (--ndf, --n-rkhs, --n-depth); {kept}") from None
+
+
+@contextmanager
+def locked(run_dir: Path):
+    """Hold an exclusive lock on the run folder (created if missing) while the run lives:
+    flock on run_dir/lock, released by the OS when the process ends however it ends, so a
+    kill -9 leaves no stale lock. On NFS, Linux takes it as a POSIX lock on the server;
+    where the filesystem has no locks at all, a warning says the folder is unprotected."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file = open(run_dir / LOCK, "a+")
+    except OSError as error:  # a file in the way, a read-only folder, no permission
+        raise TrainingError(f"cannot use {run_dir} as the run folder ({error.strerror or error}); "
+                            "pass a writable folder as --run-dir") from None
+    with file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            raise TrainingError(f"{run_dir} is in use by another run ({holder}); wait for it to "
+                                "end or stop it, or pass another --run-dir") from None
+        except OSError as error:  # ENOLCK, EOPNOTSUPP: a filesystem without locks
+            log.warning("cannot lock %s (%s): nothing stops a second run writing into it",
+                        run_dir, error.strerror or error)
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
+        yield
+
+
+def keep_files_of_lost_run(run_dir: Path) -> None:
+    """A folder with metrics but no checkpoint (moved away, or a crash before the first was
+    saved): keep its metrics.jsonl and config.json under new names rather than overwrite."""
+    metrics = run_dir / "metrics.jsonl"
+    if (run_dir / CHECKPOINT).exists() or not metrics.exists() or metrics.stat().st_size == 0:
+        return
+    suffix = time.strftime(".before-%Y%m%d-%H%M%S")
+    for path in (metrics, run_dir / "config.json"):
+        if path.exists():
+            path.rename(path.with_name(path.name + suffix))
+    log.warning("%s holds metrics.jsonl but no %s: starting a new run there; the old "
+                "metrics.jsonl and config.json are kept with the suffix %s", run_dir,
+                CHECKPOINT, suffix)
+
+
+def keep_metrics_until(path: Path, epoch: int) -> dict:
+    """Drop the metrics of epochs after the checkpoint's (written before a crash that lost
+    their checkpoint; they will be trained again) and torn lines; return the last kept line."""
+    if not path.exists():
+        return {}
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= epoch:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
+    return json.loads(kept[-1]) if kept else {}

@@ -1,0 +1,114 @@
+"""Contexts of views from the data: paired folders and arrays, the Lab split, ViewSet."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from amdim.data.image_files import DataError
+from amdim.data.paired import PairedArrays, PairedFolder
+from amdim.views.view_sets import ViewSet, rgb_to_lab
+
+
+def test_rgb_to_lab_matches_known_values():
+    # sRGB primaries, white and mid grey in CIE L*a*b* (D65), as published (e.g. Lindbloom's
+    # calculator and colormath: red 53.2408, 80.0925, 67.2032)
+    rgb = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [0, 0, 0],
+                        [0.5, 0.5, 0.5]])
+    expected = torch.tensor([[53.2408, 80.0925, 67.2032], [87.7347, -86.1827, 83.1793],
+                             [32.2970, 79.1875, -107.8602], [100.0, 0, 0], [0, 0, 0],
+                             [53.3890, 0, 0]])
+    lab = rgb_to_lab(rgb.T[:, :, None])[..., 0].T  # (3, 6, 1) -> (6, 3)
+    torch.testing.assert_close(lab, expected, atol=2e-3, rtol=0)
+    batch = torch.rand(2, 3, 4, 5)  # batched and per pixel alike
+    torch.testing.assert_close(rgb_to_lab(batch)[1, :, 2, 3],
+                               rgb_to_lab(batch[1, :, 2:3, 3:4])[:, 0, 0])
+
+
+def _image(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def paired_folder(root, missing=()):
+    """Views rgb (3 channels, 40 px) and depth (1 channel, 20 px) of 3 + 2 contexts in two
+    class folders; `missing`: (view, relative path) pairs not written."""
+    rng = np.random.default_rng(0)
+    for cls, count in (("cat", 3), ("dog", 2)):
+        for i in range(count):
+            for view, shape in (("rgb", (40, 40, 3)), ("depth", (20, 20))):
+                if (view, f"{cls}/{i}.png") not in missing:
+                    _image(root / view / cls / f"{i}.png",
+                           rng.integers(0, 256, shape, dtype=np.uint8))
+    return root
+
+
+def test_paired_folder_matches_views_and_reports_unmatched_files(tmp_path, caplog):
+    root = paired_folder(tmp_path, missing={("depth", "cat/2.png")})
+    with caplog.at_level(logging.WARNING, logger="amdim"):
+        folder = PairedFolder(root)
+    assert "rgb/cat/2.png" in caplog.text and "no match in every view" in caplog.text
+    assert folder.unmatched == {"rgb": ["cat/2.png"]}
+    assert folder.names == ("depth", "rgb") and folder.channels == (1, 3)
+    assert folder.paths == ["cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png"]
+    assert folder.classes == ["cat", "dog"] and folder.labels.tolist() == [0, 0, 1, 1]
+    (depth, rgb), label = folder[2]
+    assert depth.shape == (20, 20, 1) and rgb.shape == (40, 40, 3) and label == 1
+    with pytest.raises(DataError, match="rgb/cat/2.png"):
+        PairedFolder(root, strict=True)
+
+
+def test_a_view_file_that_cannot_be_read_is_named(tmp_path):
+    root = paired_folder(tmp_path)
+    folder = PairedFolder(root)
+    (root / "depth" / "dog" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"view 'depth'.*depth/dog/1.png"):
+        folder[4]
+    (root / "depth" / "dog" / "1.png").unlink()
+    with pytest.raises(DataError, match=r"depth/dog/1.png"):
+        folder[4]
+
+
+def test_paired_arrays_views_of_1_and_3_channels(tmp_path):
+    path = tmp_path / "pairs_train.npz"
+    np.savez(path, view_gray=np.zeros((6, 16, 16), np.uint8),
+             view_colour=np.full((6, 48, 32, 3), 255, np.uint8), labels=np.arange(6) % 2)
+    arrays = PairedArrays(path)
+    assert arrays.names == ("colour", "gray") and arrays.channels == (3, 1)
+    assert arrays.classes == ["0", "1"]
+    views = ViewSet(arrays, 32, "paired", train=True, view_augment=True)
+    assert views.layout == (("colour", 3), ("gray", 1))
+    (colour, gray), label = views[3]
+    assert colour.shape == (3, 32, 32) and gray.shape == (1, 32, 32) and label == 1
+    assert colour.dtype == torch.float32
+    np.savez(path, view_a=np.zeros((6, 8, 8), np.uint8), view_b=np.zeros((5, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="view_b"):
+        PairedArrays(path)
+    np.savez(path, view_a=np.zeros((6, 8, 8), np.float32))
+    with pytest.raises(DataError, match="at least two view_"):
+        PairedArrays(path)
+
+
+def test_lab_views_and_any_dataset_of_view_tuples():
+    class RGB(torch.utils.data.Dataset):  # the Python API: (views tuple, label)
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return (np.full((40, 36, 3), 60 * i, np.uint8),), i
+
+    lab = ViewSet(RGB(), 32, "lab", train=False)
+    assert lab.layout == (("L", 1), ("ab", 2))
+    (light, colour), label = lab[0]
+    assert light.shape == (1, 32, 32) and colour.shape == (2, 32, 32) and label == 0
+    torch.testing.assert_close(light, torch.full_like(light, -2.0))  # black: L = 0 -> (0-50)/25
+    torch.testing.assert_close(colour, torch.zeros_like(colour), atol=1e-4, rtol=0)
+
+    class TwoViews(RGB):
+        def __getitem__(self, i):
+            return (np.zeros((8, 8), np.uint8), np.zeros((64, 64, 4), np.uint8)), -1
+
+    views = ViewSet(TwoViews(), 32, "paired", train=False)
+    assert views.layout == (("view0", 1), ("view1", 4))
+    assert [v.shape for v in views[1][0]] == [(1, 32, 32), (4, 32, 32)]
