@@ -74,6 +74,18 @@ STEPS = (  # most valuable first
          420, 240, 330, IMAGENETTE),
 )
 BY_KEY = {step.key: step for step in STEPS}
+# issue 22's targets: (step, where its value is in the step's record, at least)
+TARGETS = {
+    "no host sync between log points (the gpu tests pass)": ("gpu-tests", "status", "ok"),
+    "cifar-paper end to end, bf16 compiled, images/s": (
+        "compiled-cifar-paper", "results.end_to_end_images_per_s", 8000),
+    "cifar-small end to end, bf16 compiled, images/s": (
+        "compiled-cifar-small", "results.end_to_end_images_per_s", 25000),
+    "imagenet-small step, bf16 compiled, images/s": (
+        "compiled-imagenet-small", "results.train_images_per_s", 2500),
+    "CIFAR-10 linear accuracy after cifar-small training (4 minutes asked)": (
+        "cifar-run", "evaluation.linear_top1", 0.80),
+}
 
 
 def device_tag(name: str) -> str:
@@ -205,6 +217,7 @@ class Check:
             self.log.flush()
 
     def save(self) -> None:
+        self.record["targets"] = reached(self.record["steps"])
         path = self.out / f"{self.tag}-gpu-check-{self.stamp}.json"
         temporary = path.with_suffix(".json.tmp")  # a kill mid-write leaves the last good file
         temporary.write_text(json.dumps(self.record, indent=2) + "\n")
@@ -422,6 +435,18 @@ class Check:
 # --smoke's pretraining: a tiny model for 2 steps
 SMOKE_MODEL = ["--preset", "digits", "--epochs", "1", "--steps-per-epoch", "2", "--ndf", "8",
                "--n-rkhs", "64", "--batch-size", "16"]
+
+
+def reached(steps: dict) -> dict:
+    """Each target with the value this window measured (None: not measured here)."""
+    out = {}
+    for name, (key, where, goal) in TARGETS.items():
+        value = steps.get(key)
+        for part in where.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        met = None if value is None else value == goal if isinstance(goal, str) else value >= goal
+        out[name] = {"step": key, "target": goal, "reached": value, "met": met}
+    return out
 
 
 def _status(commands: dict) -> str:

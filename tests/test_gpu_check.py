@@ -121,3 +121,15 @@ def test_a_command_gets_at_most_the_time_it_is_given(tmp_path):
                                                   "time.sleep(60)"], timeout=2)
     assert result["status"] == "timeout" and time.monotonic() - begun < 10
     assert "started" in result["output_tail"]  # what it printed before the stop is kept
+
+
+def test_the_targets_are_read_from_the_steps():
+    steps = {"gpu-tests": {"status": "ok"},
+             "compiled-cifar-small": {"results": {"end_to_end_images_per_s": 20000.0}},
+             "cifar-run": {"evaluation": {"linear_top1": 0.81}}}
+    targets = gpu_check.reached(steps)
+    assert targets["no host sync between log points (the gpu tests pass)"]["met"] is True
+    small = targets["cifar-small end to end, bf16 compiled, images/s"]
+    assert small["reached"] == 20000.0 and small["met"] is False  # reported, whatever it is
+    assert targets["imagenet-small step, bf16 compiled, images/s"]["met"] is None
+    assert [t["met"] for t in targets.values()].count(True) == 2
