@@ -59,15 +59,17 @@ def test_paired_folder_matches_views_and_reports_unmatched_files(tmp_path, caplo
         PairedFolder(root, strict=True)
 
 
-def test_a_view_file_that_cannot_be_read_is_named(tmp_path):
+def test_a_view_file_that_fails_during_the_run_is_named_and_replaced(tmp_path, caplog):
+    # as in image folders: warned once, the next context in its place; strict: a DataError
     root = paired_folder(tmp_path)
-    folder = PairedFolder(root)
+    folder, strict = PairedFolder(root), PairedFolder(root, strict=True)
     (root / "depth" / "dog" / "1.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"view 'depth'.*depth/dog/1.png"):
-        folder[4]
-    (root / "depth" / "dog" / "1.png").unlink()
-    with pytest.raises(DataError, match=r"depth/dog/1.png"):
-        folder[4]
+    with caplog.at_level(logging.WARNING, logger="amdim"):
+        views, label = folder[4]
+    assert "depth/dog/1.png" in caplog.text and "became unreadable" in caplog.text
+    assert views[0].shape == (20, 20, 1) and label == 0  # the next one: cat/0.png
+    with pytest.raises(DataError, match=r"depth/dog/1.png.*--strict-data"):
+        strict[4]
 
 
 def test_paired_arrays_views_of_1_and_3_channels(tmp_path):
