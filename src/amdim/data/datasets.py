@@ -241,7 +241,7 @@ def check_splits(train: Dataset, test: Dataset | None, data: str) -> int:
     labelled = labels is None or (np.asarray(labels) >= 0).any()
     classes = class_names(train) if labelled else []
     if test is not None:
-        check_test_split(classes, test, data)
+        check_test_split(classes, test, _where(train))
         if not classes:
             log.warning("%s has no labels (no class folders, no labels array): the test "
                         "probes are off", data)

@@ -302,7 +302,8 @@ def view_source(cfg, split: str) -> Dataset | None:
     if split == "test" and source is not None:
         classes = _train_classes(cfg)
         if classes is not None:
-            check_test_split(classes, source, str(cfg.data))
+            check_test_split(classes, source, str(path if path.suffix.lower() == ".npz"
+                                                  else path / "train"))
     return source
 
 
