@@ -5,7 +5,11 @@ A source dataset yields `(views, label)`: `views` a tuple of K uint8 arrays (H, 
 with its own size and channel count, `label` an int (-1: unlabelled). Three sources are built
 in: `PairedFolder` (<root>/<view>/<relative path>), `PairedArrays` (an .npz of view_<name>
 arrays) and `RGBImages` (any RGB dataset, split into L and ab by `ViewSet`); any Dataset of
-the same items works too. views.view_sets.ViewSet turns a source into training items
+the same items works too (checked item by item: `CheckedContexts`). Every source is checked
+by the rules of image folders, through the same functions: files by image_files
+(`image_files`, `find_problems`, `drop_unreadable`, `to_rgb`), labels by
+image_files.check_labels, the test split against the training split by
+datasets.check_splits. views.view_sets.ViewSet turns a source into training items
 (training.inputs.build_view_datasets).
 """
 from __future__ import annotations
