@@ -418,3 +418,25 @@ def test_stored_image_size_of_names_folders_and_npz(tmp_path):
     assert stored_image_size(str(labelled_folder(tmp_path / "f", size=(128, 96)))) == 128
     assert stored_image_size(str(write_npz(tmp_path / "s_train.npz", size=64))) == 64
     assert stored_image_size(str(tmp_path / "missing")) is None
+
+
+def test_an_npz_test_set_with_labels_outside_the_classes_is_refused(tmp_path):
+    # before: 0% accuracy, or an IndexError in the probe
+    train = write_npz(tmp_path / "s_train.npz", n=6)  # classes a, b, c
+    test = write_npz(tmp_path / "s_test.npz", n=6, labels=[0, 1, 2, 3, 4, 5])
+    with np.load(test) as arrays:  # the test file names no classes: its labels say 6
+        np.savez(test, **{k: arrays[k] for k in ("jpeg", "offsets", "labels")})
+    for build in (lambda: build_datasets(config(train)),
+                  lambda: labelled_split(str(train), "test", None)):
+        with pytest.raises(DataError, match=r"s_test.npz.*outside -1..2.*label 3"):
+            build()
+    write_npz(test, n=6, classes=("a", "c", "b"))  # the same names in another order
+    with pytest.raises(DataError, match="another order"):
+        build_datasets(config(train))
+
+
+def test_an_evaluation_test_split_lacking_a_class_is_refused(tmp_path):
+    folder = labelled_folder(tmp_path / "data", classes=("bird", "cat"), splits=("train",))
+    labelled_folder(folder, classes=("cat",), splits=("val",))  # "cat" would be label 0: bird
+    with pytest.raises(DataError, match=r"only in train/: \['bird'\]"):
+        labelled_split(str(folder), "test", None)

@@ -191,3 +191,10 @@ def test_cuda_cache_and_batches():
     assert view1.device.type == labels.device.type == "cuda" and view1.shape == (64, 3, 32, 32)
     images, _ = next(iter(EvalBatches(cache, BatchEvaluation(32, MEAN, STD), 64)))
     assert images.device.type == "cuda"
+
+
+def test_sixteen_bit_images_are_cached_scaled_not_white():
+    ramp = Image.fromarray((np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16))
+    cache = cache_dataset([(ramp, 0)])  # PIL's convert("RGB") clipped every pixel to 255
+    assert cache.images.shape == (1, 3, 8, 8) and cache.images.min() == 0
+    assert 240 < int(cache.images.max()) < 255 and len(cache.images.unique()) > 50

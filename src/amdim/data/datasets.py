@@ -11,8 +11,11 @@ before it starts. Folder layouts that cannot work raise a DataError saying what 
 """
 from __future__ import annotations
 
+import logging
 import os
 import urllib.error
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +26,9 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 
 from .device_images import load_npz, npz_first_image
-from .image_files import IMAGE_EXTENSIONS, DataError, ImageClasses, ImageFiles
+from .image_files import IMAGE_EXTENSIONS, DataError, ImageClasses, ImageFiles, check_labels
+
+log = logging.getLogger("amdim")
 
 # per-dataset normalisation (mean, std), the authors' values where they give them
 STATS = {
@@ -144,6 +149,7 @@ def _npz_images(path: Path, transform: Callable, strict: bool = False) -> ArrayI
     images = ArrayImages(cache.images.permute(0, 2, 3, 1).numpy(), cache.labels.numpy(),
                          transform, list(cache.classes) or None)
     images.skipped = list(cache.skipped)  # undecodable entries, left out (skipped_files)
+    images.path = path
     return images
 
 
@@ -168,13 +174,78 @@ def _existing_folder(data: str) -> Path:
     return root
 
 
-def _same_classes(train: ImageClasses, test: ImageClasses) -> None:
-    only_train = sorted(set(train.classes) - set(test.classes))
-    only_test = sorted(set(test.classes) - set(train.classes))
-    if only_train or only_test:
-        raise DataError(f"{train.root} and {test.root} must hold the same class folders; only in "
-                        f"{train.root.name}/: {only_train}, only in {test.root.name}/: "
-                        f"{only_test}. Add or remove class folders so that they match")
+def npz_classes(path: Path) -> list[str] | None:
+    """The class names of an .npz split (its `classes`, else its label numbers), read without
+    its images, to check a test split built alone; None where it cannot be read (building
+    that split says why)."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if "classes" in arrays.files:
+                return [str(c) for c in arrays["classes"]]
+            labels = arrays["labels"] if "labels" in arrays.files else np.full(1, -1)
+    # a damaged archive: zipfile, zlib and numpy each raise their own
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+        return None
+    return [str(c) for c in range(int(np.max(labels, initial=-1)) + 1)]
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray | None:
+    """The labels of a dataset that holds them (`labels`, or torchvision's `targets`), else None."""
+    for name in ("labels", "targets"):
+        labels = getattr(dataset, name, None)
+        if labels is not None:
+            return np.asarray(labels)
+    return None
+
+
+def _where(dataset: Dataset) -> str:
+    return str(getattr(dataset, "root", None) or getattr(dataset, "path", None)
+               or type(dataset).__name__)
+
+
+def _short(where: str) -> str:
+    return Path(where).name + ("/" if Path(where).is_dir() else "")
+
+
+def _numbered(classes: list[str]) -> bool:
+    return classes == [str(i) for i in range(len(classes))]
+
+
+def check_test_split(classes: list[str], test: Dataset, train_where: str) -> None:
+    """Refuse (DataError) a test split that does not hold the training split's classes: other
+    class names where both splits name theirs (a class missing from one split would shift every
+    label after it), or labels outside the training classes. The one rule of every source."""
+    test_classes, where = class_names(test), _where(test)
+    if classes and test_classes and not (_numbered(classes) or _numbered(test_classes)) \
+            and test_classes != classes:
+        only_train = sorted(set(classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(classes))
+        order = "" if only_train or only_test else " (the same names in another order)"
+        raise DataError(f"{train_where} and {where} must hold the same classes{order}; only in "
+                        f"{_short(train_where)}: {only_train}, only in {_short(where)}: "
+                        f"{only_test}. Add or remove classes so that they match")
+    labels = dataset_labels(test)
+    if labels is not None:
+        if not classes and (labels >= 0).any():
+            raise DataError(f"{where} is labelled but the training split of {train_where} is "
+                            "not; label both splits (class folders, or a labels array) or "
+                            "neither")
+        check_labels(labels, len(classes), f"{where} (test split of {train_where})")
+
+
+def check_splits(train: Dataset, test: Dataset | None, data: str) -> int:
+    """The number of classes of a (training, test or None) pair of any source, after
+    check_test_split; warns that the test probes are off where the training split is
+    unlabelled but a test split exists."""
+    labels = dataset_labels(train)
+    labelled = labels is None or (np.asarray(labels) >= 0).any()
+    classes = class_names(train) if labelled else []
+    if test is not None:
+        check_test_split(classes, test, _where(train))
+        if not classes:
+            log.warning("%s has no labels (no class folders, no labels array): the test "
+                        "probes are off", data)
+    return len(classes)
 
 
 def pretraining_datasets(cfg, views: Callable, test_transform: Callable
@@ -194,7 +265,7 @@ def pretraining_datasets(cfg, views: Callable, test_transform: Callable
         train = _npz_images(Path(cfg.data), views, cfg.strict_data)
         test_path = _npz_split(Path(cfg.data), "test")
         test = _npz_images(test_path, test_transform, cfg.strict_data) if test_path else None
-        return train, test, len(class_names(train))
+        return train, test, check_splits(train, test, cfg.data)
     root = _existing_folder(cfg.data)
     train_dir = _folder_split(root, ("train",))
     if train_dir is None:  # a plain folder of images: unlabelled pretraining, no probes
@@ -202,9 +273,7 @@ def pretraining_datasets(cfg, views: Callable, test_transform: Callable
     train = ImageClasses(train_dir, views, cfg.strict_data)
     test_dir = _folder_split(root, ("val", "test"))
     test = ImageClasses(test_dir, test_transform, cfg.strict_data) if test_dir else None
-    if test is not None:
-        _same_classes(train, test)
-    return train, test, len(train.classes)
+    return train, test, check_splits(train, test, str(train_dir))
 
 
 def labelled_split(data: str, split: str, transform: Callable, data_root: str = "data",
@@ -228,14 +297,24 @@ def labelled_split(data: str, split: str, transform: Callable, data_root: str = 
         if path is None:
             raise DataError(f"no test split beside {data}: expected a file named like "
                             f"{Path(data).name.replace('_train', '_test')}")
-        return _npz_images(path, transform, strict)
+        test = _npz_images(path, transform, strict)
+        classes = npz_classes(Path(data))
+        if classes is not None:
+            check_test_split(classes, test, data)
+        return test
     root = _existing_folder(data)
     names = ("train",) if split == "train" else ("val", "test")
     folder = _folder_split(root, names)
     if folder is None:
         raise DataError(f"{root} has no {' or '.join(n + '/' for n in names)} subfolder; labelled "
                         f"evaluation needs {root}/train/<class>/ and {root}/val/<class>/ (or test/)")
-    return ImageClasses(folder, transform, strict)
+    images = ImageClasses(folder, transform, strict)
+    if split == "test":  # the training split's class folders, listed (not checked)
+        train = root / "train"
+        check_test_split(sorted(p.name for p in train.iterdir()
+                                if p.is_dir() and not p.name.startswith("."))
+                         if train.is_dir() else images.classes, images, str(train))
+    return images
 
 
 def class_names(dataset: Dataset) -> list[str]:

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .image_files import WARN_FILES, DataError
+from .image_files import WARN_FILES, DataError, to_rgb
 
 log = logging.getLogger("amdim")
 NPZ_KEYS = ("jpeg", "offsets", "labels")  # required; "classes" is optional
@@ -138,7 +138,7 @@ def _to_device(images: np.ndarray, labels: np.ndarray, device, classes, where: s
 
 
 def _rgb(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(to_rgb(image))  # 16-bit pixels scaled, not clipped to white
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:

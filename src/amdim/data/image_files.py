@@ -107,34 +107,72 @@ def find_problems(paths: list[str], workers: int | None = None) -> dict[str, str
     return {path: reason for path, reason in zip(paths, reasons) if reason is not None}
 
 
+def files_of(sample_path: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The files of a sample: one image, or one per view of a context."""
+    return (sample_path,) if isinstance(sample_path, str) else tuple(sample_path)
+
+
+def check_labels(labels, n_classes: int | None, where: str) -> np.ndarray:
+    """`labels` as int64 (N,), refused with a DataError unless each is -1 (unlabelled) or a class
+    index below n_classes (None: any index). One rule for every source, so that a label no
+    class has is named at build time instead of scoring 0% or failing in the probe."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
+        raise DataError(f"{where}: labels must be integers (N,), got {labels.dtype} "
+                        f"{labels.shape}; give class indices, -1 for an unlabelled image")
+    labels = labels.astype(np.int64)
+    top = np.iinfo(np.int64).max if n_classes is None else n_classes
+    bad = (labels < -1) | (labels >= top)
+    if bad.any():
+        i = int(np.argmax(bad))
+        allowed = f"-1..{top - 1} (the {n_classes} classes)" if n_classes is not None else ">= -1"
+        raise DataError(f"{where}: {int(bad.sum())} label(s) lie outside {allowed}, e.g. item "
+                        f"{i} has label {labels[i]}; fix the labels (-1: unlabelled)")
+    return labels
+
+
+def drop_unreadable(samples: list, problems: dict[str, str], strict: bool, root) -> list:
+    """`samples` ((path or paths, label)) without those that hold a file of `problems`
+    ({file: why}): each bad file named in a warning (up to WARN_FILES), or, strict, a DataError.
+    The rule of every data source: a bad file is found and named when the set is built."""
+    if problems and strict:
+        named = "; ".join(f"{path} ({why})" for path, why in list(problems.items())[:5])
+        more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise DataError(f"{len(problems)} unreadable image file(s) below {root}: {named}"
+                        f"{more}. Remove or replace them, or run without --strict-data to "
+                        "skip them with a warning")
+    for path, why in list(problems.items())[:WARN_FILES]:
+        log.warning("skipping unreadable image %s (%s)", path, why)
+    if len(problems) > WARN_FILES:
+        log.warning("skipping %d more unreadable images below %s (all are listed in the "
+                    "dataset's `skipped`)", len(problems) - WARN_FILES, root)
+    kept = [(path, label) for path, label in samples
+            if not any(f in problems for f in files_of(path))]
+    if not kept:
+        path, why = next(iter(problems.items()))
+        raise DataError(f"none of the {len(problems)} image files below {root} can be read "
+                        f"(the first: {path}: {why}); check that they are images")
+    return kept
+
+
 class _CheckedFiles(Dataset):
     """(path, label) samples whose files were all decoded once when the set was built; the
     unreadable ones are in `skipped` (or, strict, stop with a DataError). A file that fails later
     is replaced by the next one, warned once per file and process (DataLoader workers are
-    processes: such late failures do not reach `skipped` in the main process)."""
+    processes: such late failures do not reach `skipped` in the main process). A sample's path
+    may be a tuple of files (the views of a context: data.paired.PairedFolder), read by `_load`;
+    a context is left out when any of its files is bad."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable | None, strict: bool,
-                 root: Path):
-        problems = find_problems([path for path, _ in samples])
-        if problems and strict:
-            named = "; ".join(f"{path} ({why})" for path, why in list(problems.items())[:5])
-            more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
-            raise DataError(f"{len(problems)} unreadable image file(s) below {root}: {named}"
-                            f"{more}. Remove or replace them, or run without --strict-data to "
-                            "skip them with a warning")
-        for path, why in list(problems.items())[:WARN_FILES]:
-            log.warning("skipping unreadable image %s (%s)", path, why)
-        if len(problems) > WARN_FILES:
-            log.warning("skipping %d more unreadable images below %s (all are listed in the "
-                        "dataset's `skipped`)", len(problems) - WARN_FILES, root)
-        self.samples = [(path, label) for path, label in samples if path not in problems]
-        if not self.samples:
-            path, why = next(iter(problems.items()))
-            raise DataError(f"none of the {len(problems)} image files below {root} can be read "
-                            f"(the first: {path}: {why}); check that they are images")
+    def __init__(self, samples: list[tuple[str | tuple[str, ...], int]],
+                 transform: Callable | None, strict: bool, root: Path):
+        problems = find_problems([f for path, _ in samples for f in files_of(path)])
+        self.samples = drop_unreadable(samples, problems, strict, root)
         self.skipped: list[str] = sorted(problems)
         self.root, self.transform, self.strict = root, transform, strict
         self._warned: set[str] = set()
+
+    def _load(self, path: str | tuple[str, ...]):
+        return open_rgb(path)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -143,7 +181,7 @@ class _CheckedFiles(Dataset):
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                image = open_rgb(path)
+                image = self._load(path)
             # any exception: Pillow's plugins raise OSError, SyntaxError, ValueError, ...
             except Exception as error:  # noqa: BLE001
                 self._unreadable(path, error)
@@ -153,11 +191,13 @@ class _CheckedFiles(Dataset):
                     break
                 continue
             return (self.transform(image) if self.transform else image), label
+        last = " + ".join(files_of(path))
         raise DataError(f"{offset + 1} image files in a row from item {index} on are "
-                        f"unreadable (the last: {path}); has the data folder {self.root} gone "
+                        f"unreadable (the last: {last}); has the data folder {self.root} gone "
                         "away?")
 
-    def _unreadable(self, path: str, error: Exception) -> None:
+    def _unreadable(self, path: str | tuple[str, ...], error: Exception) -> None:
+        path = " + ".join(files_of(path))
         if self.strict:
             raise DataError(f"{path} became unreadable during the run ({type(error).__name__}: "
                             f"{error}); replace it, or run without --strict-data to skip it")

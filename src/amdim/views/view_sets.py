@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..data.image_files import skipped_files
 from ..data.paired import as_hwc
 
 LAB = (("L", 1), ("ab", 2))  # the layout of --views lab: view names and channel counts
@@ -82,7 +83,7 @@ class ViewSet(Dataset):
         self.source, self.image_size, self.mode = source, image_size, mode
         self.train, self.view_augment = train, view_augment
         self.classes = list(getattr(source, "classes", []))
-        self.skipped = list(getattr(getattr(source, "images", None), "skipped", []))
+        self.skipped = skipped_files(source)
         if mode == "lab":
             self.layout = LAB
         else:
