@@ -89,28 +89,44 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
+def wait_for_checkpoint(run_dir: Path, agents: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoint.pt").exists():  # written whole (renamed into place)
+        assert all(a.poll() is None for a in agents), "torchrun ended before a checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.02)
+
+
 def test_killed_rank_is_restarted_from_the_checkpoint(tmp_path, uninterrupted):
     """kill -9 of rank 0 (the one holding the run folder's lock and writing it) after the
     first checkpoint: torchrun --max-restarts 1 starts every rank again, they resume from the
     checkpoint and end as the uninterrupted run."""
     agent = torchrun(tmp_path, "--nproc-per-node", "2", "--max-restarts", "1",
                      "--rdzv-endpoint", f"127.0.0.1:{free_port()}")
-    deadline = time.monotonic() + 240
-    while not (tmp_path / "checkpoint.pt").exists():  # written whole (renamed into place)
-        assert agent.poll() is None and time.monotonic() < deadline, "no checkpoint written"
-        time.sleep(0.02)
+    wait_for_checkpoint(tmp_path, [agent])
     os.kill(worker_of_rank(agent, 0), signal.SIGKILL)
     output = finish(agent)
     assert "resuming" in output  # (a kill after the last epoch could not have shown this)
     same_run(uninterrupted, tmp_path)
 
 
-def test_two_machines_train_as_one(tmp_path, uninterrupted):
+def test_two_machines_train_as_one_and_survive_a_killed_rank(tmp_path, uninterrupted):
     """Two torchrun agents (--nnodes 2, one process each) meeting at a c10d rendezvous on
-    127.0.0.1 train exactly as one agent of two processes."""
-    endpoint = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint",
-                f"127.0.0.1:{free_port()}", "--rdzv-id", f"amdim-test-{os.getpid()}"]
+    127.0.0.1 train exactly as one agent of two processes, also when rank 1 is killed after
+    the first checkpoint: only its agent counts a restart, the other follows it."""
+    endpoint = ["--nnodes", "2", "--nproc-per-node", "1", "--max-restarts", "1",
+                "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id",
+                f"amdim-test-{os.getpid()}"]
     agents = [torchrun(tmp_path, *endpoint) for _ in range(2)]
+    wait_for_checkpoint(tmp_path, agents)
+    ranks = {}
+    for agent in agents:
+        try:
+            ranks[agent.pid] = worker_of_rank(agent, 1)
+        except AssertionError:  # rank 1 runs under the other agent
+            continue
+    assert len(ranks) == 1
+    os.kill(*ranks.values(), signal.SIGKILL)
     outputs = [finish(agent) for agent in agents]
-    assert sum("resuming" in output for output in outputs) == 0
+    assert sum("resuming" in output for output in outputs) == 1  # rank 0 alone logs
     same_run(uninterrupted, tmp_path)
