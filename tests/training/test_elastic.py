@@ -16,8 +16,9 @@ from amdim.training import checkpoint
 from tests.training.test_distributed import free_port
 from tests.training.test_pretraining import TIMINGS
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(),
-                                reason="finds torchrun's workers through /proc")
+pytestmark = [pytest.mark.slow,  # about 20 s each: several torchrun starts
+              pytest.mark.skipif(not Path("/proc/self/stat").exists(),
+                                 reason="finds torchrun's workers through /proc")]
 EPOCHS, STEPS = 3, 6
 PRETRAIN = ["-m", "amdim", "pretrain", "--ndf", "8", "--n-rkhs", "64", "--n-depth", "1",
             "--batch-size", "16", "--steps-per-epoch", str(STEPS), "--epochs", str(EPOCHS),

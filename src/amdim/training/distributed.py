@@ -23,6 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch.distributed.constants import default_pg_timeout
 from torch import nn
 
 log = logging.getLogger("amdim")
@@ -59,7 +60,7 @@ def setup(device: torch.device) -> tuple[int, int, torch.device]:
 
 
 def _store_of_this_start(rank: int, world_size: int,
-                         timeout: timedelta = timedelta(minutes=10)) -> dist.Store:
+                         timeout: timedelta = default_pg_timeout) -> dist.Store:
     """torchrun's store (MASTER_ADDR:MASTER_PORT), under a key prefix that rank 0 draws anew
     at every start of the processes.
 
@@ -71,8 +72,6 @@ def _store_of_this_start(rank: int, world_size: int,
     answer to a dead rank's stale nonce is never read) until all ranks have taken it.
     """
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
-    if world_size == 1:
-        return store
     if rank != 0:
         nonce = uuid.uuid4().hex
         store.set(f"amdim/nonce/{rank}", nonce)
