@@ -8,15 +8,22 @@ checks it with 2 CPU processes).
 
 The collectives inside the model are torch's functional collectives: autograd and
 torch.compile trace through them, so they add no graph break and no host sync.
+
+Each start of the processes (an elastic restart of torchrun included) joins under key names of
+its own in torchrun's store (see _store_of_this_start).
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
+import uuid
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch.distributed.constants import default_pg_timeout
 from torch import nn
 
 log = logging.getLogger("amdim")
@@ -41,12 +48,49 @@ def setup(device: torch.device) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        rank = int(os.environ["RANK"])
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=_store_of_this_start(rank, world_size), rank=rank,
+                                world_size=world_size,
                                 device_id=device if device.type == "cuda" else None)
     # DDP all-reduces gradient buckets asynchronously during backward; the gathers' and batch
     # norms' collectives run in the same backward, so they get a group of their own
     _features_group = dist.new_group()
     return dist.get_rank(), world_size, device
+
+
+def _store_of_this_start(rank: int, world_size: int,
+                         timeout: timedelta = default_pg_timeout) -> dist.Store:
+    """torchrun's store (MASTER_ADDR:MASTER_PORT), under a key prefix that rank 0 draws anew
+    at every start of the processes.
+
+    torchrun (c10d rendezvous) keeps one store across elastic restarts (--max-restarts), and
+    the process group's keys carry no attempt number: restarted ranks would read the dead
+    ranks' addresses and fail to connect, or hang (pytorch/pytorch#135712). The restart count
+    cannot name the attempt: each machine's agent counts its own restarts. So each rank but 0
+    posts a nonce of its own, rank 0 answers every nonce it sees with the fresh prefix (an
+    answer to a dead rank's stale nonce is never read) until all ranks have taken it.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        store.set(f"amdim/nonce/{rank}", nonce)
+        prefix = store.get(f"amdim/prefix/{nonce}").decode()  # waits up to timeout
+        store.add(f"amdim/{prefix}/joined", 1)
+        return dist.PrefixStore(f"amdim/{prefix}/", store)
+    prefix, answered = uuid.uuid4().hex, set()
+    deadline = time.monotonic() + timeout.total_seconds()
+    while store.add(f"amdim/{prefix}/joined", 0) < world_size - 1:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{world_size - 1 - store.add(f'amdim/{prefix}/joined', 0)} of "
+                               f"the {world_size} processes did not join within {timeout}")
+        for other in range(1, world_size):
+            key = f"amdim/nonce/{other}"
+            if store.check([key]) and (nonce := store.get(key).decode()) not in answered:
+                store.set(f"amdim/prefix/{nonce}", prefix)
+                answered.add(nonce)
+        time.sleep(0.02)
+    return dist.PrefixStore(f"amdim/{prefix}/", store)
 
 
 class _Gather(torch.autograd.Function):
