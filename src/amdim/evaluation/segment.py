@@ -78,8 +78,8 @@ def _load_mixture_model(path, view: str | None):
     n_mixtures = config.get("n_mixtures", 1)
     if n_mixtures <= 1:
         raise CheckpointError(
-            f"{path} was pretrained without a mixture (n_mixtures={n_mixtures}), so there is no "
-            "posterior to draw; pretrain with --n-mixtures K (K >= 2) to get one")
+            f"{path} was pretrained without a mixture (n_mixtures={n_mixtures}): no mixture "
+            "head, no posterior to draw; pretrain with --n-mixtures K (K >= 2) to get one")
     if state.get("mixture_head") is None:
         raise CheckpointError(
             f"{path} was pretrained with --n-mixtures {n_mixtures} but holds no mixture head "
