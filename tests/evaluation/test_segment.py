@@ -179,3 +179,10 @@ def test_segment_and_plot_take_a_view_of_a_multiview_checkpoint(tmp_path):
                               "--device", "cpu"])
     args.func(args)
     assert (tmp_path / "run" / "checkpoint.tsne-gray.png").is_file()
+
+
+def test_segment_refuses_indices_and_n_images_together(tmp_path):
+    save_checkpoint(tmp_path / "model.pth", n_mixtures=2)
+    with pytest.raises(SystemExit, match="give one of them"):
+        run_cli(tmp_path / "model.pth", "--out", tmp_path / "maps.png", "--n-images", 3,
+                "--indices", 0, 1)

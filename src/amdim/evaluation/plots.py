@@ -159,6 +159,10 @@ def plot(path: str, out: str | None = None, tsne_map: bool = False, **extract_op
     out = check_output(png_path(out or path.with_suffix(
         ".tsne.png" if view is None else f".tsne-{file_tag(view)}.png")), [path])
     if path.suffix == ".npz" or _holds_features(path):
+        given = [k for k in ("data", "view") if extract_options.get(k) is not None]
+        if given:  # the features are what they are: say so rather than ignore the flags
+            log.warning("%s holds features already: %s apply to checkpoints only; not used",
+                        path, ", ".join(f"--{k}" for k in given))
         arrays = load_features(path)
     else:  # a checkpoint: extract its test features to a file of its own (not extract's)
         arrays = load_features(extract(str(path), kind="tsne-features", **extract_options))

@@ -44,8 +44,9 @@ def register(subparsers) -> None:
                         help="where torchvision datasets are (default: the checkpoint's)")
     parser.add_argument("--out", required=True, help="PNG to write: one row per image (a "
                         "folder: CHECKPOINT.segment.png in it)")
-    parser.add_argument("--n-images", type=int, default=16,
-                        help=f"test images to draw (2 to {MAX_IMAGES})")
+    parser.add_argument("--n-images", type=int,
+                        help=f"test images to draw, the first ones (2 to {MAX_IMAGES}; "
+                        "default 16)")
     parser.add_argument("--indices", type=int, nargs="+", default=None,
                         help="draw the test images at these indices instead of the first "
                              "--n-images (>= 2 of them)")
@@ -294,7 +295,11 @@ def main(args: argparse.Namespace) -> None:
 
 
 def _segment(args: argparse.Namespace) -> None:
-    n_images = len(args.indices) if args.indices is not None else args.n_images
+    if args.indices is not None and args.n_images is not None:
+        raise SystemExit("amdim segment: --indices names the images to draw, --n-images how "
+                         "many of the first: give one of them")
+    n_images = (len(args.indices) if args.indices is not None
+                else 16 if args.n_images is None else args.n_images)
     if n_images < 2:
         raise SystemExit(f"amdim segment: draw at least 2 images (got {n_images}): the other "
                          "images are the negatives that the posterior is computed against")
@@ -311,7 +316,7 @@ def _segment(args: argparse.Namespace) -> None:
     head.to(device)
     overrides = {k: v for k, v in (("data", args.data), ("data_root", args.data_root)) if v}
     cfg = PretrainConfig.from_dict({**cfg.to_dict(), **overrides})
-    images, mean, std = _test_images(cfg, args.n_images, args.indices, state, args.view)
+    images, mean, std = _test_images(cfg, n_images, args.indices, state, args.view)
     out.parent.mkdir(parents=True, exist_ok=True)
     maps = posterior_maps(encoder, head, images, cfg.tclip, cfg.mixture_entropy)  # CPU
     drawn = (pictures(images, mean, std) if mean is not None else view_pictures(images))
