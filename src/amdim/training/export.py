@@ -1,9 +1,9 @@
 """`amdim export`: the encoder of a checkpoint alone (weights, config, digest), for sharing.
 
 A pretraining checkpoint also holds the optimiser state, the probes and the random streams
-(2.5 GB for imagenet-large); the exported file holds only what `load_encoder` needs, and the mixture head of a run of
---n-mixtures K, which `amdim segment` draws. It is never written over the checkpoint or a
-run folder's files.
+(2.5 GB for imagenet-large); the exported file holds only what `load_encoder` needs, and
+the mixture head of a run of --n-mixtures K, which `amdim segment` draws. It is never
+written over the checkpoint or a run folder's files.
 """
 from __future__ import annotations
 
