@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 # the image sizes the encoder has an architecture for, and the views a recipe (views.image_views)
@@ -32,6 +33,34 @@ def check_backbone(name: str) -> None:
     if not name.startswith(TIMM_PREFIX) or len(name) == len(TIMM_PREFIX):
         raise ValueError(f"unknown backbone {name!r}; use amdim (the paper's encoder), one of "
                          f"{', '.join(RESNETS)} (torchvision), or timm:<model name>")
+
+
+def check_floats(settings, ranges: dict) -> None:
+    """Raise ValueError unless every float of the dataclass `settings` (in tuples too) is
+    finite, and each field named in `ranges` is accepted by its test: name -> (test of one
+    value, the accepted range in words). The one check of the float settings of every
+    command: NaN or inf would train or score silently wrong, and config.json would not be
+    JSON."""
+    for spec in dataclasses.fields(settings):
+        value = getattr(settings, spec.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            accepted = ranges[spec.name][1] if spec.name in ranges else "a finite number"
+            raise ValueError(f"{spec.name} must be finite, {accepted}; got {value!r}")
+        if spec.name in ranges and value is not None and not all(map(ranges[spec.name][0],
+                                                                     values)):
+            raise ValueError(f"{spec.name} must be {ranges[spec.name][1]}, got {value!r}")
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: a finite number (NaN and inf are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 @dataclass(frozen=True)
@@ -148,8 +177,8 @@ class PretrainConfig:
             raise ValueError("workers must be >= 0 (or -1: auto) and threads >= 0 (0: auto)")
         if self.epochs < 1 or self.warmup_steps < 0 or self.steps_per_epoch < 0:
             raise ValueError("epochs must be >= 1, warmup_steps and steps_per_epoch >= 0")
-        if self.n_mixtures < 1 or self.mixture_entropy <= 0:
-            raise ValueError("n_mixtures must be >= 1 and mixture_entropy > 0")
+        if self.n_mixtures < 1:
+            raise ValueError(f"n_mixtures must be >= 1, got {self.n_mixtures}")
         if self.augment not in ("paper", "imagenet-faa", "randaugment", "trivialaugment"):
             raise ValueError("augment must be paper, imagenet-faa, randaugment or "
                              f"trivialaugment, got {self.augment!r}")
@@ -163,16 +192,15 @@ class PretrainConfig:
             raise ValueError("--view-encoders and --view-augment apply to --views lab or "
                              "paired; --views augment uses one shared encoder and its own "
                              "augmentation")
-        # (field, value, accepted range) of settings that would train silently wrong
-        for name, bad, accepted in (
-                ("lr", self.lr <= 0, "> 0"), ("lr_gamma", self.lr_gamma <= 0, "> 0 (e.g. 0.2)"),
-                ("tclip", self.tclip <= 0, "> 0 (the authors use 20)"),
-                ("adam_eps", self.adam_eps <= 0, "> 0 (e.g. 1e-8)"),
-                ("time_limit", self.time_limit < 0, ">= 0 minutes (0: none)"),
-                ("log_every", self.log_every < 1, ">= 1 steps"),
-                ("final_probe_images", self.final_probe_images < 0, ">= 0 (0: all)")):
-            if bad:
-                raise ValueError(f"{name} must be {accepted}, got {getattr(self, name)!r}")
+        check_floats(self, FLOAT_RANGES)
+        if self.views != "augment" and self.augment != "paper":
+            raise ValueError(f"--augment {self.augment} makes the two views of --views "
+                             f"augment; --views {self.views} takes its views from the "
+                             "data (add --view-augment for a light crop and flip of each): "
+                             "drop --augment")
+        if self.log_every < 1 or self.final_probe_images < 0:
+            raise ValueError(f"log_every must be >= 1 steps and final_probe_images >= 0 (0: "
+                             f"all), got {self.log_every}, {self.final_probe_images}")
 
     @property
     def encoder(self) -> EncoderConfig:
@@ -192,6 +220,20 @@ class PretrainConfig:
         if "lr_milestones" in values:
             values["lr_milestones"] = tuple(values["lr_milestones"])
         return cls(**values)
+
+
+# the accepted range of PretrainConfig's floats: name -> (test, in words); check_floats also
+# refuses NaN and inf in every float field, listed here or not
+FLOAT_RANGES = {
+    "lr": (lambda v: v > 0, "> 0"), "lr_gamma": (lambda v: v > 0, "> 0 (e.g. 0.2)"),
+    "tclip": (lambda v: v > 0, "> 0 (the authors use 20)"),
+    "mixture_entropy": (lambda v: v > 0, "> 0 (e.g. 1)"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1) (the authors use 0.8)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1) (e.g. 0.999)"),
+    "adam_eps": (lambda v: v > 0, "> 0 (e.g. 1e-8)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0 (e.g. 1e-5)"),
+    "time_limit": (lambda v: v >= 0, ">= 0 minutes (0: none)"),
+}
 
 
 # Sources. "authors' code": Philip-Bachman/amdim-public (train.py defaults, task_self_supervised.py
@@ -280,7 +322,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif isinstance(default, tuple):
             parser.add_argument(flag, type=int, nargs="*", metavar="EPOCH", **kwargs)
         else:
-            parser.add_argument(flag, type=type(default), **kwargs)
+            kind = finite_float if isinstance(default, float) else type(default)
+            parser.add_argument(flag, type=kind, **kwargs)
 
 
 def _shown(value) -> str:

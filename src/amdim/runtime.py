@@ -1,10 +1,13 @@
-"""Where and how a run computes: its device, the cores it may use, its precision. The
-caller's business (the commands and the tests), never the model's: the library takes a device
-and an autocast factory from here."""
+"""Where and how a run computes: its device, the cores it may use, its precision, and where
+a command may write (never over its input or a run's files). The caller's business (the
+commands and the tests), never the model's: the library takes a device and an autocast
+factory from here."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -12,6 +15,45 @@ from typing import Callable
 import torch
 
 from .config import PretrainConfig
+
+log = logging.getLogger("amdim")
+# the files `amdim pretrain` keeps in a run folder (training.run_folder, checkpoint): no other
+# command writes a file of these names into a folder that holds a run
+RUN_FILES = ("checkpoint.pt", "checkpoint.pt.tmp", "config.json", "metrics.jsonl", "lock")
+EVENTS_PREFIX = "events.out.tfevents."  # TensorBoard's
+
+
+def check_output(out: str | os.PathLike, inputs=(), flag: str = "--out") -> Path:
+    """`out` as a Path, after refusing (ValueError) an output that would write over one of the
+    command's `inputs` (files it reads: a checkpoint, features) or over a file of a pretraining
+    run folder (RUN_FILES, TensorBoard events): the one check of every command that writes."""
+    out = Path(out)
+    for given in inputs:
+        if given is not None and _same_file(out, Path(given)):
+            raise ValueError(f"{flag} {out} is this command's input {given}; writing there "
+                             f"would destroy it: pass {flag} another file")
+    if out.name in RUN_FILES or out.name.startswith(EVENTS_PREFIX):
+        folder = out.parent
+        if any((folder / name).exists() for name in RUN_FILES) or any(
+                folder.glob(EVENTS_PREFIX + "*")):
+            raise ValueError(f"{flag} {out} is the {out.name} of the run folder {folder}; "
+                             f"writing there would destroy the run: pass {flag} another file")
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.expanduser().resolve() == b.expanduser().resolve()
+
+
+def file_tag(text: str) -> str:
+    """A --data value or a view's name as part of a file name: its last path component
+    (.npz: the dataset's name), letters, digits, '.', '_' and '-' only."""
+    name = Path(text).name
+    if name.lower().endswith(".npz"):
+        name = name[:-4]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "data"
 
 
 def available_cores() -> int:
@@ -52,6 +94,12 @@ def resolve_runtime(cfg: PretrainConfig, device: torch.device, data_path: str,
         limit = 8 if device.type == "cuda" else 1  # on a CPU every worker takes a compute core
         workers = 0 if data_path == "device" else min(limit, cores - 1)
     threads = cfg.threads or max(1, cores - (workers if device.type == "cpu" else 0))
+    if threads > cores:  # threads beyond the cores spin against each other: 10-800x slower
+        log.warning("--threads %d is more than the %d cores this process may use "
+                    "(os.sched_getaffinity%s); using %d", threads, cores,
+                    f", shared by {processes_here} processes" if processes_here > 1 else "",
+                    cores)
+        threads = cores
     return dataclasses.replace(cfg, precision=precision, workers=workers, threads=threads)
 
 

@@ -230,7 +230,7 @@ def test_evaluate_command_on_our_checkpoint_writes_json_beside_it(tmp_path, caps
     assert report["knn_top1"] == 1.0  # the two classes differ in brightness
     assert report["linear_top5"] == 1.0  # top-5 of 2 classes
     printed = capsys.readouterr().out
-    assert "linear" in printed and "MLP" in printed and "kNN k=200" in printed
+    assert "linear" in printed and "MLP" in printed and "kNN k=12" in printed  # k that ran
 
 
 def test_evaluate_command_full_mode_with_default_schedule_override(tmp_path):
@@ -358,7 +358,7 @@ def test_results_that_cannot_be_written_are_printed_first(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--knn-temperature", "0"], "knn_temperature and lr must be > 0"),
+    (["--knn-temperature", "0"], r"knn_temperature must be > 0 \(e.g. --knn-temperature 0.07\)"),
     (["--device", "gpu"], "'gpu' is not a device .a GPU is cuda"),
 ])
 def test_evaluate_refuses_bad_settings(tmp_path, flags, message):

@@ -105,7 +105,7 @@ def test_tsne_map_of_a_checkpoint_and_of_a_run_folder(tmp_path):
     run_plot(run_dir, "--tsne")
     assert (run_dir / "curves.png").read_bytes().startswith(PNG)
     assert (run_dir / "tsne.png").read_bytes().startswith(PNG)
-    features = np.load(run_dir / "checkpoint.test-features.npz")
+    features = np.load(run_dir / "checkpoint.test-tsne-features.npz")  # not extract's file
     assert features["features"].shape == (12, 64) and list(features["classes"]) == ["cat", "dog", "emu"]
 
 

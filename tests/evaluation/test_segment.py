@@ -115,3 +115,74 @@ def test_cli_draws_the_test_images_it_is_given(tmp_path):
         run_cli(tmp_path / "model.pth", "--data", "digits", "--out", tmp_path / "x.png",
                 "--indices", 4)
     assert not (tmp_path / "x.png").exists()
+
+
+# -- issue 24, class 8: no dead ends
+
+def test_an_export_keeps_the_mixture_head_and_segment_says_what_is_missing(tmp_path, capsys):
+    from amdim.training.checkpoint import export_encoder, load
+
+    save_checkpoint(tmp_path / "model.pth", n_mixtures=2)
+    exported = export_encoder(tmp_path / "model.pth", tmp_path / "encoder.pt")
+    run_cli(exported, "--data", "digits", "--out", tmp_path / "maps.png", "--n-images", 2,
+            "--device", "cpu")
+    assert (tmp_path / "maps.png").is_file()
+    old = {k: v for k, v in load(exported).items() if k not in ("mixture_head", "digest")}
+    save_atomic(old, tmp_path / "old-export.pt")  # an export that left the head out
+    with pytest.raises(SystemExit, match=r"--n-mixtures 2 but holds no mixture head.*"
+                                         r"checkpoint\.pt") as stopped:
+        run_cli(tmp_path / "old-export.pt", "--out", tmp_path / "old.png")
+    assert "pretrain with --n-mixtures" not in str(stopped.value)
+
+
+def test_segment_refuses_a_grid_too_large_to_lay_out(tmp_path):
+    save_checkpoint(tmp_path / "model.pth", n_mixtures=2)
+    with pytest.raises(SystemExit, match="at most 64.*--indices"):
+        run_cli(tmp_path / "model.pth", "--out", tmp_path / "maps.png", "--n-images", 400)
+    assert not (tmp_path / "maps.png").exists()
+
+
+def test_segment_reports_the_file_it_wrote(tmp_path, capsys):
+    save_checkpoint(tmp_path / "model.pth", n_mixtures=2)
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    for out, written in ((folder, folder / "model.segment.png"),
+                         (tmp_path / "grid", tmp_path / "grid.png")):
+        run_cli(tmp_path / "model.pth", "--out", out, "--n-images", 2, "--device", "cpu",
+                "--spatial-coherence")
+        printed = capsys.readouterr().out.splitlines()
+        assert written.is_file() and printed[0] == str(written)
+        assert written.with_name(written.stem + "_coherence.json").is_file()
+    with pytest.raises(SystemExit, match="is this command's input"):
+        run_cli(tmp_path / "model.pth", "--out", tmp_path / "model.pth")
+
+
+def test_segment_and_plot_take_a_view_of_a_multiview_checkpoint(tmp_path):
+    from amdim.evaluation import plots
+    from amdim.training.pretraining import pretrain
+    from tests.model.test_multiview import paired_npz, tiny
+
+    data = paired_npz(tmp_path / "scenes_train.npz")
+    paired_npz(tmp_path / "scenes_test.npz", n=20)
+    pretrain(tiny(tmp_path / "run", epochs=1, views="paired", data=str(data), n_mixtures=2))
+    path = tmp_path / "run" / "checkpoint.pt"
+    with pytest.raises(SystemExit, match="--view NAME"):
+        run_cli(path, "--out", tmp_path / "maps.png")
+    run_cli(path, "--view", "gray", "--out", tmp_path / "gray.png", "--n-images", 4,
+            "--device", "cpu")
+    run_cli(path, "--view", "left", "--out", tmp_path / "left.png", "--n-images", 4,
+            "--device", "cpu")
+    assert (tmp_path / "gray.png").is_file() and (tmp_path / "left.png").is_file()
+    parser = argparse.ArgumentParser()
+    plots.register(parser.add_subparsers())
+    args = parser.parse_args(["plot", str(path), "--view", "gray", "--workers", "0",
+                              "--device", "cpu"])
+    args.func(args)
+    assert (tmp_path / "run" / "checkpoint.tsne-gray.png").is_file()
+
+
+def test_segment_refuses_indices_and_n_images_together(tmp_path):
+    save_checkpoint(tmp_path / "model.pth", n_mixtures=2)
+    with pytest.raises(SystemExit, match="give one of them"):
+        run_cli(tmp_path / "model.pth", "--out", tmp_path / "maps.png", "--n-images", 3,
+                "--indices", 0, 1)

@@ -123,3 +123,11 @@ def test_benchmark_reports_backbone_and_parameters():
     results = benchmark.run(args)
     assert results["backbone"] == TIMM_TINY and results["image_size"] == 64
     assert 8e4 < results["encoder_parameters"] < 2e5 and results["flop_per_image"] > 0
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "mixer_s16_224"])
+def test_timm_models_of_a_fixed_input_size_are_refused_clearly(name):
+    pytest.importorskip("timm")
+    with pytest.raises(ValueError, match=rf"timm:{name} takes only 224x224 px images.*32 px"
+                                         r".*convolutional timm model"):
+        build_encoder(EncoderConfig(backbone=f"timm:{name}", n_rkhs=64))

@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
 from amdim.config import preset
+from amdim.data.datasets import digits
 from amdim.data.image_files import DataError
 from amdim.evaluation.classifier_training import EvaluationConfig
 from amdim.evaluation.evaluate import ConcatenatedViews, evaluate_checkpoint
@@ -28,6 +30,28 @@ LAB = view_layout((("L", 1), ("ab", 2)), "auto", "lab")
 
 def tiny(run_dir, **overrides):
     return preset("digits", run_dir=str(run_dir), **{**TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def colour_digits(tmp_path_factory):
+    """The digits (1437 train / 360 test) tinted one colour per class, as a compact .npz
+    pair (JPEG streams): --views lab refuses grey images."""
+    import io
+
+    root = tmp_path_factory.mktemp("colour_digits")
+    tints = np.random.default_rng(0).integers(64, 256, (10, 3))
+    for split in ("train", "test"):
+        images, labels = digits(split)
+        streams = []
+        for image, label in zip(images, labels):
+            buffer = io.BytesIO()
+            tinted = (image.astype(np.uint16) * tints[label] // 255).astype(np.uint8)
+            Image.fromarray(tinted).save(buffer, "JPEG", quality=95)
+            streams.append(np.frombuffer(buffer.getvalue(), np.uint8))
+        np.savez(root / f"digits_{split}.npz", jpeg=np.concatenate(streams),
+                 offsets=np.cumsum([0] + [len(s) for s in streams]), labels=labels,
+                 classes=np.array([str(c) for c in range(10)]))
+    return str(root / "digits_train.npz")
 
 
 def random_features(batch, dim, generator):
@@ -112,10 +136,11 @@ def test_mixture_heads_and_bf16_with_one_encoder_per_view():
 
 
 @pytest.mark.slow
-def test_lab_run_resumes_exactly_and_loads_per_view(tmp_path):
-    pretrain(tiny(tmp_path / "straight", epochs=3, views="lab", view_augment=True))
-    pretrain(tiny(tmp_path / "resumed", epochs=1, views="lab", view_augment=True))
-    pretrain(tiny(tmp_path / "resumed", epochs=3, views="lab", view_augment=True))
+def test_lab_run_resumes_exactly_and_loads_per_view(tmp_path, colour_digits):
+    lab = dict(views="lab", view_augment=True, data=colour_digits)
+    pretrain(tiny(tmp_path / "straight", epochs=3, **lab))
+    pretrain(tiny(tmp_path / "resumed", epochs=1, **lab))
+    pretrain(tiny(tmp_path / "resumed", epochs=3, **lab))
     path = tmp_path / "straight" / "checkpoint.pt"
     a, b = checkpoint.load(path), checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
     assert a["views"] == {"names": ["L", "ab"], "channels": [1, 2], "shared": False}
@@ -148,24 +173,27 @@ def test_lab_run_resumes_exactly_and_loads_per_view(tmp_path):
     assert features["features"].shape == (360, 64)
 
 
-def test_checkpoints_refuse_other_views(tmp_path):
-    pretrain(tiny(tmp_path / "augment", epochs=1))
+def test_checkpoints_refuse_other_views(tmp_path, colour_digits):
+    pretrain(tiny(tmp_path / "augment", epochs=1, data=colour_digits))
     with pytest.raises(checkpoint.CheckpointError, match="--views augment"):
         checkpoint.load_encoder(tmp_path / "augment" / "checkpoint.pt", view="L")
     with pytest.raises(checkpoint.CheckpointError, match="--views augment"):
         evaluate_checkpoint(str(tmp_path / "augment" / "checkpoint.pt"), view="L")
     with pytest.raises(TrainingError, match="views: saved 'augment', requested 'lab'"):
-        pretrain(tiny(tmp_path / "augment", epochs=2, views="lab"))
+        pretrain(tiny(tmp_path / "augment", epochs=2, views="lab", data=colour_digits))
+    with pytest.raises(DataError, match="digits is grey.*--views augment"):  # R = G = B
+        pretrain(tiny(tmp_path / "grey", epochs=1, views="lab"))
+    assert not (tmp_path / "grey" / "checkpoint.pt").exists()
 
 
 FAST_EVALUATION = EvaluationConfig(mode="features", epochs=1, lr_milestones=(), device="cpu",
                                    workers=0, knn_k=5)
 
 
-def test_evaluate_one_view_or_all_views_of_a_lab_run(tmp_path):
+def test_evaluate_one_view_or_all_views_of_a_lab_run(tmp_path, colour_digits):
     from tests.evaluation.test_evaluate import run_cli
 
-    pretrain(tiny(tmp_path / "run", epochs=1, views="lab"))
+    pretrain(tiny(tmp_path / "run", epochs=1, views="lab", data=colour_digits))
     path = tmp_path / "run" / "checkpoint.pt"
     light = evaluate_checkpoint(str(path), cfg=FAST_EVALUATION, view="L")
     assert light["out"] == str(tmp_path / "run" / "checkpoint.eval-features-L.json")

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..config import milestone_factor
+from ..config import check_floats, milestone_factor
 from ..data.batches import EvalBatches, TrainBatches
 from ..data.datasets import dataset_name
 from ..data.device_images import cache_dataset, fits_in_memory, stored_size
@@ -75,9 +75,14 @@ class EvaluationConfig:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.data_path not in ("auto", "device", "loader"):
             raise ValueError(f"data_path must be auto, device or loader, got {self.data_path!r}")
-        if self.knn_temperature <= 0 or self.lr <= 0:
-            raise ValueError(f"knn_temperature and lr must be > 0 (got {self.knn_temperature}, "
-                             f"{self.lr}); e.g. --knn-temperature 0.07")
+        check_floats(self, FLOAT_RANGES)
+
+
+# the accepted range of EvaluationConfig's floats (config.check_floats: all must be finite)
+FLOAT_RANGES = {"lr": (lambda v: v > 0, "> 0 (e.g. --lr 2e-4)"),
+                "knn_temperature": (lambda v: v > 0, "> 0 (e.g. --knn-temperature 0.07)"),
+                "betas": (lambda v: 0 <= v < 1, "in [0, 1) (e.g. (0.8, 0.999))"),
+                "weight_decay": (lambda v: v >= 0, ">= 0"), "eps": (lambda v: v > 0, "> 0")}
 
 
 def default_schedule(data: str) -> str:
@@ -97,7 +102,8 @@ def with_schedule(cfg: EvaluationConfig, data: str) -> EvaluationConfig:
 
 def runtime(cfg: EvaluationConfig, train_set: Dataset, test_set: Dataset,
             stats: tuple | None) -> EvaluationConfig:
-    """cfg with device, precision and data path made concrete. Data path auto: device on a GPU
+    """cfg with device, precision, data path and knn_k (at most the training set's size) made
+    concrete: what runs, and what the results record. Data path auto: device on a GPU
     when both sets are in memory with one stored image size, `stats` (their (mean, std)) is
     known, and their uint8 copy fits in half the free GPU memory; else loader."""
     device = resolve_device(cfg.device)
@@ -111,7 +117,11 @@ def runtime(cfg: EvaluationConfig, train_set: Dataset, test_set: Dataset,
         ) else "loader"
     if data_path == "device" and stats is None:
         raise ValueError("data_path 'device' needs the sets' normalisation statistics (stats)")
-    return replace(cfg, device=str(device), data_path=data_path,
+    knn_k = min(cfg.knn_k, len(train_set))  # what kNN can use, and what the results record
+    if knn_k < cfg.knn_k:
+        log.warning("--knn-k %d is more than the %d training images; kNN uses k=%d",
+                    cfg.knn_k, len(train_set), knn_k)
+    return replace(cfg, device=str(device), data_path=data_path, knn_k=knn_k,
                    precision=cfg.precision or ("bf16" if device.type == "cuda" else "fp32"))
 
 

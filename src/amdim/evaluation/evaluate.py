@@ -33,6 +33,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from ..config import finite_float
+from ..runtime import check_output, file_tag
 from ..data.datasets import class_names, labelled_split, normalisation
 from ..data.image_files import DataError
 from ..model.encoder import Features
@@ -40,7 +42,7 @@ from ..training import checkpoint
 from ..views.image_views import augmentation, evaluation_transform
 from .classifier_training import (PROTOCOLS, SCHEDULES, EvaluationConfig, EvaluationError,
                                   evaluate, runtime, with_schedule)
-from .extract import checkpoint_data, view_split
+from .extract import checkpoint_data, same_data, view_split
 
 log = logging.getLogger("amdim")
 
@@ -86,14 +88,23 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_root: str | Non
     """Evaluate a checkpoint (ours or the authors') on labelled data (default: the data it was
     trained on; other data is a transfer evaluation, e.g. Places205 with --schedule places205:
     new classifiers for its label set on the frozen encoder); writes the results as JSON to
-    `out` (default CHECKPOINT.eval-MODE.json, CHECKPOINT.eval-MODE-VIEW.json with a view).
+    `out` (default CHECKPOINT.eval-MODE[-VIEW][-PROTOCOL][-on-DATA].json: the view, a
+    protocol other than standard and the data of a transfer name the file), never over the
+    checkpoint or a run folder's files.
     view: for a checkpoint of --views lab or paired (required there), the view whose encoder
     to evaluate, or "all" (every view's global feature, concatenated)."""
     start = time.perf_counter()
     encoder, _, state = checkpoint.load_model(path, view)
     encoder_data = (state.get("config") or {}).get("data")  # None: the authors' format
+    given = data
     data, data_root = checkpoint_data(state, data, data_root)
-    transfer = None if encoder_data is None else not _same_data(data, encoder_data)
+    transfer = None if encoder_data is None else not same_data(data, encoder_data)
+    # results of other settings go to other files: the native evaluation's is not replaced
+    suffix = "-".join([cfg.mode, *([] if view is None else [file_tag(view)]),
+                       *([] if cfg.protocol == "standard" else [cfg.protocol]),
+                       *([f"on-{file_tag(data)}"] if transfer or (given and transfer is None)
+                         else [])])
+    out = check_output(out or Path(path).with_suffix(f".eval-{suffix}.json"), [path])
     augmented = None  # the device path augments the cached train_set itself
     if view is not None:  # load_model refused a view of any other checkpoint
         encoder, train_set, test_set, augmented = _view_sets(encoder, state, view, data,
@@ -123,8 +134,6 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_root: str | Non
               "transfer": transfer, "n_train": len(train_set), "n_test": len(test_set),
               "n_classes": len(classes), **asdict(cfg), **results,
               "seconds": round(time.perf_counter() - start, 1)}
-    suffix = cfg.mode if view is None else f"{cfg.mode}-{view}"
-    out = Path(out) if out else Path(path).with_suffix(f".eval-{suffix}.json")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
@@ -157,14 +166,6 @@ def _view_sets(encoder: nn.Module, state: dict, view: str, data: str, data_root:
     augmented = copy.copy(train)  # the checkpoint's pretraining augmentation of the views
     augmented.train = True
     return (encoder, *(ChosenViews(views, indices) for views in (train, test, augmented)))
-
-
-def _same_data(data: str, other: str) -> bool:
-    """Whether two --data values name the same data (a dataset name, or the same path)."""
-    if data.lower() == other.lower():
-        return True
-    return Path(data).exists() and Path(other).exists() and Path(data).resolve() == Path(
-        other).resolve()
 
 
 def table(report: dict) -> str:
@@ -204,7 +205,7 @@ def register(subparsers) -> None:
     parser.add_argument("--epochs", type=int, help="classifier epochs (default: the schedule's)")
     parser.add_argument("--lr-milestones", type=int, nargs="*", metavar="EPOCH",
                         help="lr x0.2 after these epochs (default: the schedule's)")
-    parser.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
+    parser.add_argument("--lr", type=finite_float, default=2e-4, help="Adam learning rate")
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2, help="data-loader processes")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:1")
@@ -215,7 +216,7 @@ def register(subparsers) -> None:
                         "there in batches; loader: DataLoader workers; auto: device on a GPU for "
                         "in-memory sets that fit in half its free memory")
     parser.add_argument("--knn-k", type=int, default=200)
-    parser.add_argument("--knn-temperature", type=float, default=0.07)
+    parser.add_argument("--knn-temperature", type=finite_float, default=0.07)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--protocol", default="standard", choices=PROTOCOLS,
                         help="standard: the encoder in eval mode on the whole test set, in "
@@ -227,7 +228,8 @@ def register(subparsers) -> None:
                         "L, ab, or a folder view's name), or all (every view's global feature, "
                         "concatenated)")
     parser.add_argument("--out", help="results JSON (default: CHECKPOINT.eval-MODE.json; "
-                        "CHECKPOINT.eval-MODE-VIEW.json with --view)")
+                        "with --view, --protocol authors or a transfer to other --data, "
+                        "CHECKPOINT.eval-MODE[-VIEW][-authors][-on-DATA].json)")
     parser.set_defaults(func=_run)
 
 

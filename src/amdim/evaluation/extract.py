@@ -18,7 +18,7 @@ from ..data.datasets import KNOWN_SIZES, STATS, class_names, labelled_split, nor
 from ..data.image_files import DataError, ImageFiles
 from ..model.encoder import Encoder
 from ..model.frozen_features import encode, encode_batch, extract_features, frozen, in_order
-from ..runtime import resolve_device
+from ..runtime import check_output, file_tag, resolve_device
 from ..training import checkpoint
 from ..views.image_views import evaluation_transform
 
@@ -101,17 +101,35 @@ def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return values
 
 
+def same_data(data: str, other: str) -> bool:
+    """Whether two --data values name the same data (a dataset name, or the same path)."""
+    if data.lower() == other.lower():
+        return True
+    return Path(data).exists() and Path(other).exists() and Path(data).resolve() == Path(
+        other).resolve()
+
+
 def extract(path: str, data: str | None = None, split: str = "test", out: str | None = None,
             maps: bool = False, data_root: str | None = None, device: str = "auto",
-            batch_size: int = 256, workers: int = 0, view: str | None = None) -> Path:
-    """Features of a checkpoint's encoder on a dataset split, saved to `out` (.npz or .pt).
+            batch_size: int = 256, workers: int = 0, view: str | None = None,
+            kind: str = "features") -> Path:
+    """Features of a checkpoint's encoder on a dataset split, saved to `out` (.npz or .pt;
+    default CHECKPOINT.SPLIT-KIND[-VIEW][-on-DATA].npz, the view and data other than the
+    checkpoint's naming the file), never over the checkpoint or a run folder's files.
     view: for a checkpoint of --views lab or paired, the view whose encoder to run, or "all"
     (every view's global feature, concatenated)."""
-    out = Path(out) if out else Path(path).with_suffix(f".{split}-features.npz")
-    if out.suffix not in (".npz", ".pt"):
+    if out is not None and Path(out).suffix not in (".npz", ".pt"):
         raise ValueError(f"--out {out}: the file name must end in .npz or .pt")
+    if out is not None:
+        check_output(out, [path])  # before the checkpoint is read: a clear message first
     encoder, _, state = checkpoint.load_model(path, view)
+    own = (state.get("config") or {}).get("data")
+    other = data is not None and (own is None or not same_data(data, own))
     data, data_root = checkpoint_data(state, data, data_root)
+    tags = ([] if view is None else [file_tag(view)]) + ([f"on-{file_tag(data)}"] if other
+                                                          else [])
+    out = check_output(out or Path(path).with_suffix(
+        f".{split}-{'-'.join([kind, *tags])}.npz"), [path])
     target = resolve_device(device)
     frozen(encoder, target)
     if state.get("views") is not None:
@@ -213,7 +231,8 @@ def register(subparsers) -> None:
     parser.add_argument("--data-root", help="where torchvision datasets are (default: the "
                         "checkpoint's)")
     parser.add_argument("--split", default="test", choices=("train", "test"))
-    parser.add_argument("--out", help=".npz or .pt (default: beside the checkpoint)")
+    parser.add_argument("--out", help=".npz or .pt (default: beside the checkpoint, "
+                        "CHECKPOINT.SPLIT-features[-VIEW][-on-DATA].npz)")
     parser.add_argument("--maps", action="store_true", help="also save the r5 and r7 maps")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:1")
     parser.add_argument("--batch-size", type=int, default=256)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime import check_output, file_tag
+
 log = logging.getLogger("amdim")
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"  # the name `amdim pretrain` gives its checkpoint
@@ -146,22 +148,34 @@ def plot(path: str, out: str | None = None, tsne_map: bool = False, **extract_op
     path = Path(path)
     written = []
     if path.is_dir():
-        written.append(plot_curves(read_metrics(path), out or path / "curves.png", title=str(path)))
+        curves = check_output(png_path(out or path / "curves.png"), [path / METRICS])
+        written.append(plot_curves(read_metrics(path), curves, title=str(path)))
         if not tsne_map:
             return written
         out, path = path / "tsne.png", path / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    view = extract_options.get("view")
+    out = check_output(png_path(out or path.with_suffix(
+        ".tsne.png" if view is None else f".tsne-{file_tag(view)}.png")), [path])
     if path.suffix == ".npz" or _holds_features(path):
+        given = [k for k in ("data", "view") if extract_options.get(k) is not None]
+        if given:  # the features are what they are: say so rather than ignore the flags
+            log.warning("%s holds features already: %s apply to checkpoints only; not used",
+                        path, ", ".join(f"--{k}" for k in given))
         arrays = load_features(path)
-    else:  # a checkpoint: extract its test features first
-        features = path.with_suffix(".test-features.npz")
-        arrays = load_features(extract(str(path), out=str(features), **extract_options))
+    else:  # a checkpoint: extract its test features to a file of its own (not extract's)
+        arrays = load_features(extract(str(path), kind="tsne-features", **extract_options))
     classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
     labels = arrays.get("labels", np.full(len(arrays["features"]), -1))
-    written.append(plot_tsne(arrays["features"], labels, out or path.with_suffix(".tsne.png"),
-                             classes, title=f"t-SNE: {path}"))
+    written.append(plot_tsne(arrays["features"], labels, out, classes, title=f"t-SNE: {path}"))
     return written
+
+
+def png_path(out: str | os.PathLike) -> Path:
+    """The file matplotlib writes for `out`: .png added to a name without a suffix."""
+    out = Path(out)
+    return out if out.suffix else out.with_suffix(".png")
 
 
 def _holds_features(path: Path) -> bool:
@@ -190,6 +204,8 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:1")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--view", help="checkpoints of --views lab or paired (required there): "
+                        "the view whose features to map, or all (every view's, concatenated)")
     parser.set_defaults(func=_run)
 
 
@@ -202,7 +218,8 @@ def _run(args: argparse.Namespace) -> None:
     for path in args.paths:
         try:
             written = plot(path, args.out, args.tsne, data=args.data, data_root=args.data_root,
-                           device=args.device, batch_size=args.batch_size, workers=args.workers)
+                           device=args.device, batch_size=args.batch_size, workers=args.workers,
+                           view=args.view)
         except (OSError, ValueError, DataError, CheckpointError) as error:
             raise SystemExit(f"amdim plot: {error}") from None
         for png in written:

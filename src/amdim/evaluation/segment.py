@@ -23,12 +23,13 @@ from ..data.datasets import normalisation
 from ..data.image_files import DataError
 from ..model.encoder import Encoder
 from ..model.mixture import MixtureHead, assignments
-from ..runtime import resolve_device
+from ..runtime import check_output, resolve_device
 from ..training.checkpoint import CheckpointError, is_authors, load_model
 from ..training.inputs import build_datasets
 
 log = logging.getLogger(__name__)
 OVERLAY_OPACITY = 0.5  # colour vs image in the overlays: both stay readable
+MAX_IMAGES = 64  # rows of one grid: matplotlib's layout of hundreds takes minutes
 
 
 def register(subparsers) -> None:
@@ -41,34 +42,57 @@ def register(subparsers) -> None:
                         help="dataset name or folder (default: the checkpoint's)")
     parser.add_argument("--data-root", default=None,
                         help="where torchvision datasets are (default: the checkpoint's)")
-    parser.add_argument("--out", required=True, help="PNG to write: one row per image")
-    parser.add_argument("--n-images", type=int, default=16, help="test images to draw (>= 2)")
+    parser.add_argument("--out", required=True, help="PNG to write: one row per image (a "
+                        "folder: CHECKPOINT.segment.png in it)")
+    parser.add_argument("--n-images", type=int,
+                        help=f"test images to draw, the first ones (2 to {MAX_IMAGES}; "
+                        "default 16)")
     parser.add_argument("--indices", type=int, nargs="+", default=None,
                         help="draw the test images at these indices instead of the first "
                              "--n-images (>= 2 of them)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:1")
+    parser.add_argument("--view", help="a checkpoint of --views lab or paired (required "
+                        "there): the view whose encoder's maps to draw, over that view's images")
     parser.add_argument("--spatial-coherence", action="store_true",
                         help="print the neighbour agreement of the maps and write it as JSON "
                              "beside the PNG")
     parser.set_defaults(func=main)
 
 
-def load_mixture_model(path: str | os.PathLike) -> tuple[Encoder, MixtureHead, PretrainConfig]:
-    """Encoder and mixture head (eval mode) and the config, from one of our checkpoints."""
-    encoder, _, state = load_model(path)
+def load_mixture_model(path: str | os.PathLike, view: str | None = None
+                       ) -> tuple[Encoder, MixtureHead, PretrainConfig]:
+    """Encoder and mixture head (eval mode) and the config, from one of our checkpoints (or
+    an export of one). view: for a checkpoint of --views lab or paired, the view whose
+    encoder to draw (required there)."""
+    return _load_mixture_model(path, view)[:3]
+
+
+def _load_mixture_model(path, view: str | None):
+    """load_mixture_model's (encoder, head, cfg), and the checkpoint dict."""
+    from ..model.multiview import ALL
+
+    if view == ALL:
+        raise CheckpointError(f"segment draws the maps of one view's encoder: pass --view "
+                              f"NAME, not --view {ALL}")
+    encoder, _, state = load_model(path, view)
     config = state.get("config", {}) if not is_authors(state) else {}
     n_mixtures = config.get("n_mixtures", 1)
-    if n_mixtures <= 1 or state.get("mixture_head") is None:
+    if n_mixtures <= 1:
         raise CheckpointError(
-            f"{path} has no mixture head (n_mixtures={n_mixtures}), so there is no posterior "
-            "to draw; pretrain with --n-mixtures K (K >= 2) to get one")
+            f"{path} was pretrained without a mixture (n_mixtures={n_mixtures}): no mixture "
+            "head, no posterior to draw; pretrain with --n-mixtures K (K >= 2) to get one")
+    if state.get("mixture_head") is None:
+        raise CheckpointError(
+            f"{path} was pretrained with --n-mixtures {n_mixtures} but holds no mixture head "
+            "(an encoder export of an older amdim left it out): draw the run's checkpoint.pt, "
+            "or export it again")
     cfg = PretrainConfig.from_dict(config)
     head = MixtureHead(cfg.n_rkhs, cfg.n_mixtures)
     try:
         head.load_state_dict(state["mixture_head"])
     except RuntimeError as error:
         raise CheckpointError(f"{path}: the mixture head does not match its config: {error}") from None
-    return encoder, head.eval(), cfg
+    return encoder, head.eval(), cfg, state
 
 
 def spatial_coherence(assignments: torch.Tensor) -> dict[str, float]:
@@ -192,6 +216,18 @@ def pictures(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ..
     return (images * scale + shift).clamp(0, 1).permute(0, 2, 3, 1)
 
 
+def view_pictures(images: torch.Tensor) -> torch.Tensor:
+    """A view's images (B, C, S, S), normalised by its ViewSet, -> CPU (B, S, S, 3) in [0, 1]
+    to draw: each image scaled to its own range; 3 channels as colour, others as grey (their
+    mean)."""
+    images = images.float().cpu()
+    if images.shape[1] != 3:
+        images = images.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    low = images.amin((1, 2, 3), keepdim=True)
+    high = images.amax((1, 2, 3), keepdim=True)
+    return ((images - low) / (high - low).clamp(min=1e-6)).permute(0, 2, 3, 1)
+
+
 def segment_images(encoder: Encoder, head: MixtureHead, images: torch.Tensor,
                    mean: tuple[float, ...], std: tuple[float, ...], out: str | os.PathLike,
                    tclip: float = 20.0, alpha: float = 1.0) -> dict[str, dict[str, float]]:
@@ -206,22 +242,46 @@ def segment_images(encoder: Encoder, head: MixtureHead, images: torch.Tensor,
     return {name: spatial_coherence(maps[name]) for name in ("r7", "r5")}
 
 
-def _test_images(cfg: PretrainConfig, n_images: int, indices: list[int] | None = None
+def _test_images(cfg: PretrainConfig, n_images: int, indices: list[int] | None = None,
+                 state: dict | None = None, view: str | None = None
                  ) -> tuple[torch.Tensor, tuple, tuple]:
-    """The first n images of the test set (or those at `indices`), (n, 3, S, S) normalised,
-    and (mean, std)."""
-    train, test, _ = build_datasets(cfg)
-    if test is None:
-        log.warning("%s has no test split; drawing augmented views of training images", cfg.data)
-    dataset = test if test is not None else train
+    """The first n images of the test set (or those at `indices`), (n, C, S, S) normalised,
+    and (mean, std); with a view of a --views lab / paired checkpoint (`state`), that view's
+    images, which the ViewSet normalises, and (None, None)."""
+    if view is not None:
+        from .extract import view_split
+
+        dataset = view_split(state, cfg.data, cfg.data_root, "test")
+        index = list(state["views"]["names"]).index(view)
+        stats = (None, None)
+    else:
+        train, test, _ = build_datasets(cfg)
+        if test is None:
+            log.warning("%s has no test split; drawing augmented views of training images",
+                        cfg.data)
+        dataset = test if test is not None else train
+        index, stats = 0, normalisation(cfg.data)
     if indices is None:
+        if n_images > len(dataset):
+            log.warning("the test set has %d images; drawing %d, not --n-images %d",
+                        len(dataset), len(dataset), n_images)
         indices = range(min(n_images, len(dataset)))
     elif not all(0 <= i < len(dataset) for i in indices):
         raise ValueError(f"--indices must lie in [0, {len(dataset)}), the test set's size; "
                          f"got {sorted(indices)}")
     items = [dataset[i][0] for i in indices]
-    images = torch.stack([item[0] if isinstance(item, tuple) else item for item in items])
-    return images, *normalisation(cfg.data)
+    images = torch.stack([item[index] if isinstance(item, tuple) else item for item in items])
+    return images, *stats
+
+
+def grid_path(out: str | os.PathLike, checkpoint: str | os.PathLike) -> Path:
+    """The PNG that --out names: a folder (existing, or ending in /) gets
+    CHECKPOINT.segment.png inside it; a name without a suffix gets .png (as matplotlib would
+    add)."""
+    path = Path(out)
+    if path.is_dir() or str(out).endswith(("/", os.sep)):
+        return path / f"{Path(checkpoint).stem}.segment.png"
+    return path if path.suffix else path.with_suffix(".png")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -235,24 +295,36 @@ def main(args: argparse.Namespace) -> None:
 
 
 def _segment(args: argparse.Namespace) -> None:
-    n_images = len(args.indices) if args.indices is not None else args.n_images
+    if args.indices is not None and args.n_images is not None:
+        raise SystemExit("amdim segment: --indices names the images to draw, --n-images how "
+                         "many of the first: give one of them")
+    n_images = (len(args.indices) if args.indices is not None
+                else 16 if args.n_images is None else args.n_images)
     if n_images < 2:
         raise SystemExit(f"amdim segment: draw at least 2 images (got {n_images}): the other "
                          "images are the negatives that the posterior is computed against")
-    encoder, head, cfg = load_mixture_model(args.checkpoint)
+    if n_images > MAX_IMAGES:
+        raise SystemExit(f"amdim segment: {n_images} images are {n_images} rows of one grid; "
+                         f"draw at most {MAX_IMAGES} (matplotlib takes minutes to lay out "
+                         "more): pick them with --indices, one grid per command")
+    out = check_output(grid_path(args.out, args.checkpoint), [args.checkpoint])
+    coherence_path = check_output(out.with_name(out.stem + "_coherence.json"),
+                                  [args.checkpoint])
+    encoder, head, cfg, state = _load_mixture_model(args.checkpoint, args.view)
     device = resolve_device(args.device)
     encoder.to(device)
     head.to(device)
     overrides = {k: v for k, v in (("data", args.data), ("data_root", args.data_root)) if v}
     cfg = PretrainConfig.from_dict({**cfg.to_dict(), **overrides})
-    images, mean, std = _test_images(cfg, args.n_images, args.indices)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    coherence = segment_images(encoder, head, images, mean, std, args.out, cfg.tclip,
-                               cfg.mixture_entropy)
-    log.info("wrote %s (%d images, %d components)", args.out, len(images), cfg.n_mixtures)
+    images, mean, std = _test_images(cfg, n_images, args.indices, state, args.view)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    maps = posterior_maps(encoder, head, images, cfg.tclip, cfg.mixture_entropy)  # CPU
+    drawn = (pictures(images, mean, std) if mean is not None else view_pictures(images))
+    _write_grid(drawn.numpy(), maps, out)
+    coherence = {name: spatial_coherence(maps[name]) for name in ("r7", "r5")}
+    log.info("wrote %s (%d images, %d components)", out, len(images), cfg.n_mixtures)
+    print(out)
     if args.spatial_coherence:
-        out = Path(args.out)
-        path = out.with_name(out.stem + "_coherence.json")
-        path.write_text(json.dumps(coherence, indent=2) + "\n")
+        coherence_path.write_text(json.dumps(coherence, indent=2) + "\n")
         print(json.dumps(coherence))
-        log.info("wrote %s", path)
+        log.info("wrote %s", coherence_path)

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import RESNETS, TIMM_PREFIX, EncoderConfig, check_backbone  # noqa: F401 (API)
+from ..config import (IMAGE_SIZES, RESNETS, TIMM_PREFIX, EncoderConfig,  # noqa: F401 (API)
+                      check_backbone)
 from .encoder import Encoder, FakeRKHSConvNet, Features  # noqa: F401 (API)
 
 def build_encoder(cfg: EncoderConfig) -> nn.Module:
@@ -71,9 +72,11 @@ class ResNetStages(nn.Module):
         return maps
 
 
-def timm_stages(name: str) -> tuple[nn.Module, list[int], list[int]]:
+def timm_stages(name: str, image_size: int | None = None
+                ) -> tuple[nn.Module, list[int], list[int]]:
     """timm model `name` (random init) returning every stage's map, with the stages' channels
-    and strides."""
+    and strides. image_size: refuse (ValueError, with what to do) a model that cannot take
+    images of that size, such as a ViT or MLP-Mixer built for a fixed input size."""
     try:
         import timm  # here: seconds to import, and an optional dependency
     except ImportError:
@@ -82,7 +85,33 @@ def timm_stages(name: str) -> tuple[nn.Module, list[int], list[int]]:
         net = timm.create_model(name, pretrained=False, features_only=True)
     except RuntimeError as error:  # timm's "Unknown model"
         raise ValueError(f"backbone timm:{name}: {error}") from None
+    if image_size is not None:
+        _check_input_size(net, name, image_size)
     return net, net.feature_info.channels(), net.feature_info.reduction()
+
+
+def _check_input_size(net: nn.Module, name: str, image_size: int) -> None:
+    """Raise ValueError unless timm model `net` takes (B, 3, image_size, image_size)."""
+    fixed = getattr(net, "pretrained_cfg", None) or {}
+    size = tuple(fixed.get("input_size", (3, 0, 0)))[1:]
+    what = (f"use a convolutional timm model (e.g. timm:resnet26d, timm:convnext_atto), "
+            f"which takes any size, or --backbone amdim; AMDIM's image sizes are "
+            f"{', '.join(map(str, IMAGE_SIZES))} px")
+    if fixed.get("fixed_input_size") and size != (image_size, image_size):
+        raise ValueError(f"backbone timm:{name} takes only {size[0]}x{size[1]} px images (a "
+                         f"fixed input size, as ViT and MLP-Mixer have); this run's images are "
+                         f"{image_size} px (--image-size, or the preset's): {what}")
+    was_training = net.training
+    try:  # a dry run: other models with their own input rules say so here, not mid-training
+        with torch.no_grad():
+            net.eval()(torch.zeros(2, 3, image_size, image_size))
+    except (AssertionError, RuntimeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(
+            error).__name__
+        raise ValueError(f"backbone timm:{name} cannot take {image_size} px images "
+                         f"({reason}): {what}") from None
+    finally:
+        net.train(was_training)
 
 
 def nearest_stage(sides: list[int], grid: int) -> int:
@@ -102,7 +131,8 @@ class BackboneEncoder(nn.Module):
             self.trunk = ResNetStages(cfg.backbone, cfg.image_size)
             channels, reductions = self.trunk.channels, self.trunk.reductions
         else:
-            self.trunk, channels, reductions = timm_stages(cfg.backbone[len(TIMM_PREFIX):])
+            self.trunk, channels, reductions = timm_stages(cfg.backbone[len(TIMM_PREFIX):],
+                                                           cfg.image_size)
         sides = [max(1, math.ceil(cfg.image_size / r)) for r in reductions]
         self.index_7, self.index_5 = nearest_stage(sides, 7), nearest_stage(sides, 5)
         self.stage_sides = sides  # what the trunk gives at cfg.image_size, shallow to deep

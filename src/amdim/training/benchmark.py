@@ -26,13 +26,13 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import PRESETS, PretrainConfig, preset
+from ..config import PRESETS, PretrainConfig, finite_float, preset
 from ..data.batches import TrainBatches
 from ..data.datasets import normalisation
 from ..data.device_images import load_npz
 from ..data.image_files import DataError
 from ..model.amdim import AMDIM
-from ..runtime import native_bf16, resolve_device, resolve_runtime
+from ..runtime import check_output, native_bf16, resolve_device, resolve_runtime
 from ..views.batch_views import BatchViews
 from .step import TrainingStep, configure_device
 
@@ -258,7 +258,7 @@ def register(subparsers) -> None:
     parser.add_argument("--data", metavar="NPZ",
                         help="also time end to end on this .npz dataset, held on the device")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
-    parser.add_argument("--peak-flops", type=float,
+    parser.add_argument("--peak-flops", type=finite_float,
                         help="peak FLOP/s for MFU (default on CUDA: the bf16 dense peak of "
                              "the device's name, e.g. 989e12 for an H100 SXM or H200; no MFU "
                              "on CPU)")
@@ -273,6 +273,10 @@ def _run(args: argparse.Namespace) -> dict:
         if args.steps < 1 or args.warmup < 0:
             raise ValueError(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, "
                              f"{args.warmup})")
+        if args.peak_flops is not None and args.peak_flops <= 0:
+            raise ValueError(f"--peak-flops must be > 0 FLOP/s, got {args.peak_flops}")
+        if args.out:
+            check_output(args.out)  # never over a run's files
         return run(args)
     except (ValueError, DataError) as error:
         raise SystemExit(f"amdim benchmark: {error}") from None

@@ -11,7 +11,8 @@ Our format (a dict of tensors and plain values only):
 Every file we write also holds digest: the SHA-256 of its tensors (see `digest`), checked on
 load, so that flipped bytes are found rather than trained on; files without one (the
 authors', older ones) load as before.
-An encoder-only file (`amdim export`): format "amdim-encoder/1", config, encoder, digest.
+An encoder-only file (`amdim export`): format "amdim-encoder/1", config, encoder,
+mixture_head (None without), digest.
 Runs of --views lab or paired also hold views: {"names", "channels", "shared"}, and their
 encoder state is that of one encoder per view (keys <view>.*) unless shared.
 The authors' format (amdim-public): model (encoder.module.*, evaluator.*), hyperparams, cursor.
@@ -201,6 +202,7 @@ def export_encoder(path: str | os.PathLike, out: str | os.PathLike) -> Path:
         _view_model(path, state, state["views"], "all")  # refuses a mismatched file
         save_atomic({"format": ENCODER_FORMAT, "config": state["config"],
                      "encoder": state["encoder"], "views": state["views"],
+                     "mixture_head": state.get("mixture_head"),
                      "data_fingerprint": state.get("data_fingerprint")}, out)
         return out
     encoder, _, state = load_model(path)
@@ -212,5 +214,6 @@ def export_encoder(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_atomic({"format": ENCODER_FORMAT, "config": config, "encoder": encoder.state_dict(),
+                 "mixture_head": state.get("mixture_head"),  # amdim segment draws it
                  "data_fingerprint": state.get("data_fingerprint")}, out)
     return out

@@ -26,6 +26,7 @@ from ..model import multiview
 from ..model.amdim import AMDIM
 from ..model.frozen_features import compare_with_random_init
 from ..runtime import autocast_for, resolve_device, resolve_runtime
+from ..views.view_sets import check_colour
 from . import checkpoint, distributed
 from .inputs import build_datasets, build_view_datasets, choose_data_path, make_batches
 from .run_folder import (CHECKPOINT, EXIT_CODES, StopOnSignal, TrainingError, check_same_run,  # noqa: F401
@@ -119,6 +120,13 @@ class Pretraining:
                 cfg, self.view_data)
             self.layout = multiview.view_layout(self.train_set.layout, cfg.view_encoders,
                                                 cfg.views)
+            if cfg.views == "lab":  # grey images: a constant ab view
+                check_colour(self.train_set.source, cfg.data)
+        if cfg.final_probe and not (self.n_classes and self.test_set is not None):
+            if self.main_rank:
+                log.warning("--final-probe needs labels and a test split; %s has %s: no final "
+                            "probe", cfg.data, "no test split" if self.n_classes else "no labels")
+            cfg = self.cfg = replace(cfg, final_probe=False)  # config.json records what runs
         self.fingerprint = {"train_images": len(self.train_set), "n_classes": self.n_classes}
         saved = (self.state or {}).get("data_fingerprint") or self.fingerprint
         if saved["n_classes"] != self.n_classes:

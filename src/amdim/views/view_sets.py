@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..data.image_files import skipped_files
+from ..data.image_files import DataError, skipped_files
 from ..data.paired import as_hwc
 
 LAB = (("L", 1), ("ab", 2))  # the layout of --views lab: view names and channel counts
@@ -113,3 +113,18 @@ class ViewSet(Dataset):
         else:
             out = [(resize(v, size, jitter) - UINT8_MEAN) / UINT8_STD for v in views]
         return tuple(v.contiguous() for v in out), label
+
+
+def check_colour(source: Dataset, data: str, samples: int = 64) -> None:
+    """Raise DataError if the one RGB view of a --views lab source (contexts ((H, W, 3),)) is
+    grey in every one of up to `samples` evenly spaced images: its ab channels would be
+    constant, and the ab encoder would learn nothing."""
+    for index in np.linspace(0, len(source) - 1, min(len(source), samples)).round():
+        views, _ = source[int(index)]
+        image = as_hwc(np.asarray(views[0]))
+        if image.shape[2] >= 3 and not ((image[..., 0] == image[..., 1]).all()
+                                        and (image[..., 1] == image[..., 2]).all()):
+            return
+    raise DataError(f"--views lab splits colour images into their L and ab channels, but "
+                    f"{data} is grey (R = G = B in every image looked at), so the ab view "
+                    "would be constant: use --views augment for grey images")
