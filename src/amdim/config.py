@@ -112,6 +112,7 @@ class PretrainConfig:
     view_augment: bool = _field(False, "with --views lab or paired: also a light augmentation of each view on its own (random resized crop, scale 0.5-1, and flip), on top of the data's views")
     # optimisation (the authors' Adam settings)
     batch_size: int = _field(200, "images per step (each gives two views); the negatives per image are the other B-1")
+    eval_batch_size: int = _field(256, "images per batch of every pass without gradients (the test probes at each epoch's end): sized for speed, independent of batch_size; the results do not depend on it")
     epochs: int = _field(300, "passes over the training set")
     lr: float = _field(2e-4, "Adam learning rate after warmup")
     adam_beta1: float = _field(0.8, "Adam beta1 (the authors use 0.8)")
@@ -129,6 +130,7 @@ class PretrainConfig:
     threads: int = _field(0, "compute threads of this process; 0: the cores this process may use (os.sched_getaffinity) shared among the processes on this machine, less the loader workers")
     device: str = _field("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
     time_limit: float = _field(0.0, "minutes of wall time (start-up and compilation included) after which the run saves and stops at the next step; 0: none; rerunning resumes")
+    checkpoint_every: float = _field(10.0, "minutes between checkpoints written mid-epoch (as a stop writes them; resumed exactly), on top of the one at each epoch's end; 0: only at epochs' ends")
     compile: bool = _field(True, "torch.compile the model on CUDA (not on CPU, where compiling costs more than it saves)")
     seed: int = _field(0, "seeds weights, shuffling, augmentation and NCE source locations")
     run_dir: str = _field("runs/amdim", "checkpoint, config.json, metrics.jsonl, TensorBoard events; an existing run there is resumed")
@@ -169,6 +171,9 @@ class PretrainConfig:
                 ("tclip", self.tclip <= 0, "> 0 (the authors use 20)"),
                 ("adam_eps", self.adam_eps <= 0, "> 0 (e.g. 1e-8)"),
                 ("time_limit", self.time_limit < 0, ">= 0 minutes (0: none)"),
+                ("checkpoint_every", not 0 <= self.checkpoint_every < float("inf"),
+                 ">= 0 minutes (0: at epochs' ends only)"),
+                ("eval_batch_size", self.eval_batch_size < 1, ">= 1 images"),
                 ("log_every", self.log_every < 1, ">= 1 steps"),
                 ("final_probe_images", self.final_probe_images < 0, ">= 0 (0: all)")):
             if bad:
