@@ -23,7 +23,7 @@ def tiny(run_dir, **overrides):
     return preset("digits", run_dir=str(run_dir), **{**TINY, **overrides})
 
 
-def run_and_interrupt(run_dir, at_step: int, how: str, epochs: int = 3):
+def run_and_interrupt(run_dir, at_step: int, how: str, epochs: int = 3, **extra):
     """Run pretraining in a subprocess that receives `how` (SIGINT, SIGTERM, SIGKILL) just
     before optimiser step `at_step`."""
     script = textwrap.dedent(f"""
@@ -36,7 +36,7 @@ def run_and_interrupt(run_dir, at_step: int, how: str, epochs: int = 3):
                 os.kill(os.getpid(), signal.{how})
             return lr_factor(step, *args)
         train.lr_factor = hook
-        print(train.pretrain(preset("digits", run_dir={str(run_dir)!r}, epochs={epochs}, **{TINY!r})))
+        print(train.pretrain(preset("digits", run_dir={str(run_dir)!r}, epochs={epochs}, **{ {**TINY, **extra}!r})))
     """)
     # same thread count as this process: CPU results are bit-exact only for equal threading
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}

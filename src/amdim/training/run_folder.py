@@ -108,9 +108,14 @@ class EventLog:
     def __init__(self, run_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.run_dir, self._previous_hook = run_dir, threading.excepthook
+        self.run_dir, self._previous_hook, self.failed = run_dir, threading.excepthook, False
         threading.excepthook = self._thread_failed  # else the writer's thread prints a traceback
-        self.writer = SummaryWriter(str(run_dir))
+        self.writer = None
+        try:
+            writer = SummaryWriter(str(run_dir))  # writes its first event at once
+            self.writer = None if self.failed else writer
+        except OSError as error:  # the thread's error, raised again here
+            self._failed(error)
 
     def _thread_failed(self, args) -> None:
         if type(args.thread).__name__ == "_AsyncWriterThread":
@@ -119,8 +124,8 @@ class EventLog:
             self._previous_hook(args)
 
     def _failed(self, error: BaseException) -> None:
-        if self.writer is not None:
-            self.writer = None
+        if not self.failed:
+            self.failed, self.writer = True, None
             reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
             log.warning("cannot write TensorBoard events in %s (%s): training goes on without "
                         "them (metrics.jsonl and the checkpoint are written as before); free "
