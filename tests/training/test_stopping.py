@@ -218,3 +218,25 @@ def test_checkpoints_every_few_minutes_resume_exactly_after_kill_9(tmp_path, str
     assert (state["epoch"], state["step_in_epoch"], state["step"]) == (1, 2, 5)  # mid-epoch
     pretrain(tiny(tmp_path, epochs=3))
     assert_same_weights(tmp_path / "checkpoint.pt", straight)
+
+
+def test_a_second_ctrl_c_is_one_line_and_130(tmp_path, monkeypatch, capsys):
+    import amdim.training.pretrain_command
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(amdim.training.pretrain_command, "pretrain", interrupted)
+    with pytest.raises(SystemExit) as exit:
+        main(["pretrain", "--run-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit.value.code == 130 and "interrupted at once (a second Ctrl-C)" in err
+    assert "Traceback" not in err
+
+
+def test_loader_workers_stopped_by_the_signal_end_the_run_as_a_stop(tmp_path, monkeypatch):
+    def killed(self, stop):
+        raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Terminated. ")
+
+    monkeypatch.setattr(training.Pretraining, "run", killed)
+    assert pretrain(tiny(tmp_path, epochs=1)) == {"stopped": "SIGTERM"}

@@ -87,6 +87,23 @@ def pretrain(cfg: PretrainConfig, view_data=None) -> dict:
             log.info("stopped (%s); run the same command to resume%s", stopped.reason,
                      f" from {run_dir / CHECKPOINT}" if (run_dir / CHECKPOINT).exists() else "")
         return {"stopped": stopped.reason}
+    except RuntimeError as error:  # loader workers sent the signal too (SLURM signals them all)
+        reason = _worker_stopped(error)
+        if reason is None:
+            raise
+        if main_rank:
+            log.warning("the data loader's workers were stopped by %s; run the same command to "
+                        "resume%s", reason, f" from {run_dir / CHECKPOINT}"
+                        if (run_dir / CHECKPOINT).exists() else "")
+        return {"stopped": reason}
+
+
+def _worker_stopped(error: RuntimeError) -> str | None:
+    """SIGTERM or SIGINT when `error` is DataLoader's report of a worker ended by it."""
+    text = str(error)
+    if "DataLoader worker" not in text:
+        return None
+    return ("SIGTERM" if "Terminated" in text else "SIGINT" if "Interrupt" in text else None)
 
 
 class Pretraining:
