@@ -241,24 +241,3 @@ def test_loader_workers_stopped_by_the_signal_end_the_run_as_a_stop(tmp_path, mo
     monkeypatch.setattr(training.Pretraining, "run", killed)
     assert pretrain(tiny(tmp_path, epochs=1)) == {"stopped": "SIGTERM"}
 
-
-def test_a_stop_while_caching_the_data_drops_the_chunks_not_started():
-    import numpy as np
-
-    from amdim.data.device_images import DECODE_CHUNK, cache_dataset
-
-    read = []
-
-    class Slow(torch.utils.data.Dataset):
-        def __len__(self):
-            return 40 * DECODE_CHUNK
-
-        def __getitem__(self, i):
-            read.append(i)
-            if i == DECODE_CHUNK + 5:  # what a signal's handler raises in the main thread
-                raise KeyboardInterrupt
-            return np.zeros((8, 8, 3), np.uint8), 0
-
-    with pytest.raises(KeyboardInterrupt):
-        cache_dataset(Slow(), workers=2)
-    assert len(read) < 10 * DECODE_CHUNK

@@ -123,11 +123,8 @@ def _decode_into(out: np.ndarray, labels: np.ndarray, item: Callable[[int], tupl
                     "resize them to one size first, or use the DataLoader path (--data-path loader)")
             out[i] = pixels.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
-    pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1))
-    try:
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(decode, range(0, len(out), DECODE_CHUNK)))
-    finally:  # on an error or a stop (Ctrl-C, SIGTERM), the chunks not started are dropped
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _to_device(images: np.ndarray, labels: np.ndarray, device, classes, where: str) -> ImageCache:
