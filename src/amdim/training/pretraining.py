@@ -241,14 +241,18 @@ class Pretraining:
         stop = stop if stop is not None else StopOnSignal()
         metrics = {}
         if self.main_rank:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            metrics = keep_metrics_until(self.run_dir / "metrics.jsonl", self.epoch)
-            self.writer = EventLog(self.run_dir)
+            with stop.deferred():  # files are never left half-written
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2)
+                                                          + "\n")
+                metrics = keep_metrics_until(self.run_dir / "metrics.jsonl", self.epoch)
+                self.writer = EventLog(self.run_dir)
             log.info("data path %s, %d steps per epoch, %s, %s, %d compute threads, %d loader "
                      "workers", self.data_path, self.steps_per_epoch, cfg.precision,
                      "channels-last" if cfg.channels_last else "NCHW", cfg.threads, cfg.workers)
         try:
+            with stop.immediate():  # a stop that came while writing those files
+                pass
             with stop.deferred():
                 while self.epoch < cfg.epochs:
                     # an epoch's steps, its metrics line and checkpoint; a stop saves first
