@@ -16,7 +16,8 @@ from amdim.cli import main
 from amdim.training import checkpoint
 from amdim.training.pretraining import TrainingError, pretrain
 
-from .test_reliability import assert_same_weights, nan_after, run_and_interrupt, straight, tiny  # noqa: F401
+from .test_reliability import (assert_same_weights, run_and_interrupt, straight,  # noqa: F401
+                               tiny)
 
 
 def lines(run_dir):
@@ -46,7 +47,8 @@ def test_sigterm_in_the_test_probes_stops_at_once_and_resumes_the_same(tmp_path,
     assert len(lines(tmp_path / "a")) == 1  # epoch 2's line not written yet
     monkeypatch.setattr(training, "probe_accuracy", probe)
     pretrain(tiny(tmp_path / "a", epochs=3))
-    resumed = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line)
+               for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert "images_per_s" not in resumed[1]  # no step ran in that process: no rate, not 0
     pretrain(tiny(tmp_path / "b", epochs=3))
     assert lines(tmp_path / "a") == lines(tmp_path / "b")
@@ -104,7 +106,8 @@ def test_ctrl_c_in_start_up_imports_exits_130(monkeypatch):
     with pytest.raises(SystemExit) as exit:
         main(["pretrain"])
     assert exit.value.code == 130
-    light = subprocess.run([sys.executable, "-c", "import sys, amdim.cli; print('torch' in sys.modules)"],
+    light = subprocess.run([sys.executable, "-c",
+                            "import sys, amdim.cli; print('torch' in sys.modules)"],
                            capture_output=True, text=True)
     assert light.stdout.strip() == "False"  # nothing heavy before main() can catch Ctrl-C
 
@@ -200,7 +203,7 @@ def test_benchmark_out_of_memory_and_unwritable_out_are_one_line(tmp_path, monke
     import amdim.training.benchmark
 
     (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit, match="cannot create its folder"):
+    with pytest.raises(SystemExit, match="file is a file, not a folder"):
         main(["benchmark", "--device", "cpu", "--out", str(tmp_path / "file" / "b.json")])
 
     def out_of_memory(*args, **kwargs):

@@ -215,13 +215,18 @@ def run(args: argparse.Namespace) -> dict:
 def _check_out(out: str) -> None:
     """Refuse an --out that cannot be written before measuring (its folder is created)."""
     path = Path(out)
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--out {out}: {blocking} is a file, not a folder; pass a path in a "
+                         "folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"--out {out}: cannot create its folder {path.parent} "
                          f"({error.strerror or error}); pass a path in a writable folder") from None
     if path.is_dir():
-        raise ValueError(f"--out {out} is a folder; pass a file name such as {path / 'benchmark.json'}")
+        raise ValueError(f"--out {out} is a folder; pass a file name such as "
+                         f"{path / 'benchmark.json'}")
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ValueError(f"--out {out} cannot be written (no permission); pass another path")
 

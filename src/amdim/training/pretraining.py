@@ -28,8 +28,8 @@ from ..model.frozen_features import compare_with_random_init
 from ..runtime import autocast_for, resolve_device, resolve_runtime
 from . import checkpoint, distributed
 from .inputs import build_datasets, build_view_datasets, choose_data_path, make_batches
-from .run_folder import (CHECKPOINT, EXIT_CODES, EventLog, StopOnSignal, Stopped, TrainingError,  # noqa: F401
-                         check_same_run, explain_out_of_memory, keep_files_of_lost_run,
+from .run_folder import (CHECKPOINT, EXIT_CODES, EventLog, StopOnSignal, Stopped,  # noqa: F401
+                         TrainingError, check_same_run, explain_out_of_memory, keep_files_of_lost_run,
                          keep_metrics_until, locked)
 from .step import LOSSES, NCE_TERMS, EpochSums, TrainingStep, configure_device
 
