@@ -141,6 +141,7 @@ class PretrainConfig:
     view_augment: bool = _field(False, "with --views lab or paired: also a light augmentation of each view on its own (random resized crop, scale 0.5-1, and flip), on top of the data's views")
     # optimisation (the authors' Adam settings)
     batch_size: int = _field(200, "images per step (each gives two views); the negatives per image are the other B-1")
+    eval_batch_size: int = _field(256, "images per batch of every pass without gradients (the test probes at each epoch's end): sized for speed, independent of batch_size; the results do not depend on it")
     epochs: int = _field(300, "passes over the training set")
     lr: float = _field(2e-4, "Adam learning rate after warmup")
     adam_beta1: float = _field(0.8, "Adam beta1 (the authors use 0.8)")
@@ -158,6 +159,7 @@ class PretrainConfig:
     threads: int = _field(0, "compute threads of this process; 0: the cores this process may use (os.sched_getaffinity) shared among the processes on this machine, less the loader workers")
     device: str = _field("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
     time_limit: float = _field(0.0, "minutes of wall time (start-up and compilation included) after which the run saves and stops at the next step; 0: none; rerunning resumes")
+    checkpoint_every: float = _field(10.0, "minutes between checkpoints written mid-epoch (as a stop writes them; resumed exactly), on top of the one at each epoch's end; 0: only at epochs' ends")
     compile: bool = _field(True, "torch.compile the model on CUDA (not on CPU, where compiling costs more than it saves)")
     seed: int = _field(0, "seeds weights, shuffling, augmentation and NCE source locations")
     run_dir: str = _field("runs/amdim", "checkpoint, config.json, metrics.jsonl, TensorBoard events; an existing run there is resumed")
@@ -198,9 +200,12 @@ class PretrainConfig:
                              f"augment; --views {self.views} takes its views from the "
                              "data (add --view-augment for a light crop and flip of each): "
                              "drop --augment")
-        if self.log_every < 1 or self.final_probe_images < 0:
-            raise ValueError(f"log_every must be >= 1 steps and final_probe_images >= 0 (0: "
-                             f"all), got {self.log_every}, {self.final_probe_images}")
+        for name, bad, accepted in (  # the integer settings
+                ("eval_batch_size", self.eval_batch_size < 1, ">= 1 images"),
+                ("log_every", self.log_every < 1, ">= 1 steps"),
+                ("final_probe_images", self.final_probe_images < 0, ">= 0 (0: all)")):
+            if bad:
+                raise ValueError(f"{name} must be {accepted}, got {getattr(self, name)!r}")
 
     @property
     def encoder(self) -> EncoderConfig:
@@ -233,6 +238,7 @@ FLOAT_RANGES = {
     "adam_eps": (lambda v: v > 0, "> 0 (e.g. 1e-8)"),
     "weight_decay": (lambda v: v >= 0, ">= 0 (e.g. 1e-5)"),
     "time_limit": (lambda v: v >= 0, ">= 0 minutes (0: none)"),
+    "checkpoint_every": (lambda v: v >= 0, ">= 0 minutes (0: at epochs' ends only)"),
 }
 
 

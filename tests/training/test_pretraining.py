@@ -202,8 +202,20 @@ def test_auto_data_path_needs_in_memory_images_of_one_size(tmp_path):
                             torch.device("cpu")) == "device"
 
 
-def test_time_limit_saves_and_stops(tmp_path):
-    stopped = pretrain(tiny(tmp_path, epochs=3, time_limit=1e-9))
+def test_time_limit_saves_and_stops(tmp_path, monkeypatch):
+    stopped = pretrain(tiny(tmp_path, epochs=3, time_limit=1e-9))  # in start-up: no step
+    assert stopped == {"stopped": "time limit"} and not (tmp_path / "checkpoint.pt").exists()
+    import signal
+    import amdim.training.pretraining as training
+
+    def limit_reached_in_step_0(step, *args):  # the time limit's alarm, in the first step
+        if step == 0:
+            signal.raise_signal(signal.SIGALRM)
+        return lr_factor(step, *args)
+
+    monkeypatch.setattr(training, "lr_factor", limit_reached_in_step_0)
+    stopped = pretrain(tiny(tmp_path, epochs=3, time_limit=60))
+    monkeypatch.undo()
     assert stopped["stopped"] == "time limit" and stopped["step"] == 1
     assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 1
     assert pretrain(tiny(tmp_path, epochs=3))["step"] == 9  # rerun without the limit: resumes

@@ -23,7 +23,7 @@ def tiny(run_dir, **overrides):
     return preset("digits", run_dir=str(run_dir), **{**TINY, **overrides})
 
 
-def run_and_interrupt(run_dir, at_step: int, how: str, epochs: int = 3):
+def run_and_interrupt(run_dir, at_step: int, how: str, epochs: int = 3, **extra):
     """Run pretraining in a subprocess that receives `how` (SIGINT, SIGTERM, SIGKILL) just
     before optimiser step `at_step`."""
     script = textwrap.dedent(f"""
@@ -36,7 +36,7 @@ def run_and_interrupt(run_dir, at_step: int, how: str, epochs: int = 3):
                 os.kill(os.getpid(), signal.{how})
             return lr_factor(step, *args)
         train.lr_factor = hook
-        print(train.pretrain(preset("digits", run_dir={str(run_dir)!r}, epochs={epochs}, **{TINY!r})))
+        print(train.pretrain(preset("digits", run_dir={str(run_dir)!r}, epochs={epochs}, **{ {**TINY, **extra}!r})))
     """)
     # same thread count as this process: CPU results are bit-exact only for equal threading
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -250,11 +250,16 @@ def test_time_limit_exits_75_and_resumes(tmp_path):
     flags = ["pretrain", "--run-dir", str(tmp_path), "--ndf", "8", "--n-rkhs", "64",
              "--batch-size", "16", "--steps-per-epoch", "2", "--epochs", "1", "--workers", "0",
              "--no-final-probe"]
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as exit:  # reached in start-up: stops there
         main(flags + ["--time-limit", "1e-9"])
-    assert exit.value.code == 75 and checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 1
+    assert exit.value.code == 75 and not (tmp_path / "checkpoint.pt").exists()
     main(flags)  # finished: returns, exit status 0
     assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 1
+    with pytest.raises(SystemExit) as exit:  # reached while training: saved, then stopped
+        main(flags[:2] + [str(tmp_path / "b")] + flags[3:] + ["--epochs", "5000",
+                                                              "--time-limit", "0.1"])
+    assert exit.value.code == 75
+    assert 1 <= checkpoint.load(tmp_path / "b" / "checkpoint.pt")["step"] < 10_000
 
 
 def test_run_folders_that_cannot_be_written_are_explained(tmp_path, monkeypatch):

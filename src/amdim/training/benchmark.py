@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -200,11 +201,34 @@ def run(args: argparse.Namespace) -> dict:
             cfg, device, args.steps, args.warmup, compile, args.data, peak)}
     results["command"] = "amdim benchmark " + " ".join(sys.argv[2:])
     text = json.dumps(results, indent=2)
+    print(text)  # first: the measurement is not lost if --out cannot be written
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+        try:
+            Path(args.out).write_text(text + "\n")
+        except OSError as error:
+            raise SystemExit(f"amdim benchmark: cannot write {args.out} "
+                             f"({error.strerror or error}); the results are printed above: "
+                             "free some space or pass another --out") from None
     return results
+
+
+def _check_out(out: str) -> None:
+    """Refuse an --out that cannot be written before measuring (its folder is created)."""
+    path = Path(out)
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--out {out}: {blocking} is a file, not a folder; pass a path in a "
+                         "folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot create its folder {path.parent} "
+                         f"({error.strerror or error}); pass a path in a writable folder") from None
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder; pass a file name such as "
+                         f"{path / 'benchmark.json'}")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"--out {out} cannot be written (no permission); pass another path")
 
 
 def compare_modes(cfg: PretrainConfig, device: torch.device, steps: int, warmup: int,
@@ -277,6 +301,17 @@ def _run(args: argparse.Namespace) -> dict:
             raise ValueError(f"--peak-flops must be > 0 FLOP/s, got {args.peak_flops}")
         if args.out:
             check_output(args.out)  # never over a run's files
+            _check_out(args.out)  # and writable, before measuring
         return run(args)
     except (ValueError, DataError) as error:
         raise SystemExit(f"amdim benchmark: {error}") from None
+    except torch.OutOfMemoryError:
+        batch = args.batch_size or f"of the preset {args.preset}"
+        raise SystemExit(f"amdim benchmark: out of GPU memory with batch size {batch}: lower "
+                         "--batch-size, or use a smaller model (--ndf, --n-rkhs, --n-depth)"
+                         ) from None
+    except (RuntimeError, MemoryError) as error:  # the CPU allocator raises a RuntimeError
+        if not isinstance(error, MemoryError) and "can't allocate memory" not in str(error):
+            raise
+        raise SystemExit("amdim benchmark: out of CPU memory (RAM): lower --batch-size, or use "
+                         "a smaller model (--ndf, --n-rkhs, --n-depth)") from None

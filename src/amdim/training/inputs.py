@@ -67,10 +67,10 @@ def make_batches(cfg: PretrainConfig, path: str, train_set: Dataset, test_set: D
         train = TrainBatches(cache, views, cfg.batch_size, seed=cfg.seed, rank=rank,
                              world_size=world_size)
         test = None if test_cache is None else EvalBatches(
-            test_cache, BatchEvaluation(cfg.image_size, *stats), cfg.batch_size)
+            test_cache, BatchEvaluation(cfg.image_size, *stats), cfg.eval_batch_size)
         return train, test
     train = LoaderBatches(train_set, cfg, device, rank, world_size)
     test = None if test_set is None else DataLoader(  # the whole test set, in order
-        test_set, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
+        test_set, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.workers,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
     return train, test

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 
 import torch
 
@@ -98,6 +99,13 @@ def _run(args: argparse.Namespace) -> None:
         metrics = pretrain(cfg)
     except (ValueError, TrainingError, DataError, checkpoint.CheckpointError, OSError) as error:
         raise SystemExit(f"amdim pretrain: {_message(error)}") from None
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, the write of a checkpoint too
+        path = os.path.join(args.run_dir or "runs/amdim", "checkpoint.pt")
+        kept = (f"{path} holds the run as of its last save" if os.path.exists(path)
+                else "no checkpoint was saved")
+        print(f"amdim pretrain: interrupted at once (a second Ctrl-C); {kept}; run the same "
+              "command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -29,8 +29,9 @@ from ..runtime import autocast_for, resolve_device, resolve_runtime
 from ..views.view_sets import check_colour
 from . import checkpoint, distributed
 from .inputs import build_datasets, build_view_datasets, choose_data_path, make_batches
-from .run_folder import (CHECKPOINT, EXIT_CODES, StopOnSignal, TrainingError, check_same_run,  # noqa: F401
-                         explain_out_of_memory, keep_files_of_lost_run, keep_metrics_until, locked)
+from .run_folder import (CHECKPOINT, EXIT_CODES, EventLog, StopOnSignal, Stopped,  # noqa: F401
+                         TrainingError, check_same_run, explain_out_of_memory, keep_files_of_lost_run,
+                         keep_metrics_until, locked)
 from .step import LOSSES, NCE_TERMS, EpochSums, TrainingStep, configure_device
 
 log = logging.getLogger("amdim")
@@ -73,11 +74,37 @@ def pretrain(cfg: PretrainConfig, view_data=None) -> dict:
     writes files. view_data: with cfg.views "paired", your own views instead of cfg.data's:
     a Dataset of ((K uint8 arrays (H, W, C)), label), or (train, test or None) such sets."""
     run_dir, main_rank = Path(cfg.run_dir), int(os.environ.get("RANK", "0")) == 0
-    with (locked(run_dir) if main_rank else nullcontext()), \
-            explain_out_of_memory(cfg, run_dir / CHECKPOINT):
+    # every phase stops within moments of a signal or the time limit; the steps and the
+    # checkpoint's write finish first (StopOnSignal.deferred)
+    try:
+        with StopOnSignal(cfg.time_limit) as stop, \
+                (locked(run_dir) if main_rank else nullcontext()), \
+                explain_out_of_memory(cfg, run_dir / CHECKPOINT):
+            if main_rank:
+                keep_files_of_lost_run(run_dir)
+            return Pretraining(cfg, view_data).run(stop)
+    except Stopped as stopped:  # before the first step or in the final probe: nothing to save
         if main_rank:
-            keep_files_of_lost_run(run_dir)
-        return Pretraining(cfg, view_data).run()
+            log.info("stopped (%s); run the same command to resume%s", stopped.reason,
+                     f" from {run_dir / CHECKPOINT}" if (run_dir / CHECKPOINT).exists() else "")
+        return {"stopped": stopped.reason}
+    except RuntimeError as error:  # loader workers sent the signal too (SLURM signals them all)
+        reason = _worker_stopped(error)
+        if reason is None:
+            raise
+        if main_rank:
+            log.warning("the data loader's workers were stopped by %s; run the same command to "
+                        "resume%s", reason, f" from {run_dir / CHECKPOINT}"
+                        if (run_dir / CHECKPOINT).exists() else "")
+        return {"stopped": reason}
+
+
+def _worker_stopped(error: RuntimeError) -> str | None:
+    """SIGTERM or SIGINT when `error` is DataLoader's report of a worker ended by it."""
+    text = str(error)
+    if "DataLoader worker" not in text:
+        return None
+    return ("SIGTERM" if "Terminated" in text else "SIGINT" if "Interrupt" in text else None)
 
 
 class Pretraining:
@@ -95,6 +122,7 @@ class Pretraining:
             self.cfg, self.data_path, self.train_set, test_set, self.device, self.rank,
             self.world_size)
         self.writer = None
+        self.saved_at = time.perf_counter()  # the last checkpoint (cfg.checkpoint_every)
 
     # -- setting up
 
@@ -109,6 +137,13 @@ class Pretraining:
         self.cfg, self.run_dir = replace(cfg, data=resolved_data(cfg.data)), Path(cfg.run_dir)
         self.path = self.run_dir / CHECKPOINT
         self.state = checkpoint.load(self.path) if self.path.exists() else None
+        if self.state is not None and self.state.get("format") != checkpoint.FORMAT:
+            kind = ("the authors' checkpoint" if checkpoint.is_authors(self.state)
+                    else "an encoder exported by amdim export"
+                    if self.state.get("format") == checkpoint.ENCODER_FORMAT
+                    else f"a checkpoint of format {self.state.get('format')!r}")
+            raise TrainingError(f"{self.path} is {kind}, not a run of amdim pretrain to resume: "
+                                "move it out of the run folder, or pass another --run-dir")
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -207,29 +242,37 @@ class Pretraining:
 
     # -- training
 
-    def run(self) -> dict:
+    def run(self, stop: StopOnSignal | None = None) -> dict:
+        """Train to cfg.epochs, then the final probe. stop: the run's StopOnSignal (pretrain()
+        enters one; without it, signals keep their handlers)."""
         cfg = self.cfg
+        stop = stop if stop is not None else StopOnSignal()
         metrics = {}
         if self.main_rank:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            metrics = keep_metrics_until(self.run_dir / "metrics.jsonl", self.epoch)
-            self.writer = SummaryWriter(str(self.run_dir))
+            with stop.deferred():  # files are never left half-written
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2)
+                                                          + "\n")
+                metrics = keep_metrics_until(self.run_dir / "metrics.jsonl", self.epoch)
+                self.writer = EventLog(self.run_dir)
             log.info("data path %s, %d steps per epoch, %s, %s, %d compute threads, %d loader "
                      "workers", self.data_path, self.steps_per_epoch, cfg.precision,
                      "channels-last" if cfg.channels_last else "NCHW", cfg.threads, cfg.workers)
         try:
-            with StopOnSignal() as stop:
+            with stop.immediate():  # a stop that came while writing those files
+                pass
+            with stop.deferred():
                 while self.epoch < cfg.epochs:
-                    if not self._train_epoch(stop):
+                    # an epoch's steps, its metrics line and checkpoint; a stop saves first
+                    finished = self._train_epoch(stop)
+                    if finished:
+                        metrics = self._end_epoch(stop) or metrics
+                    if not finished or self._stop_now(stop, True):
                         if self.main_rank:
                             log.info("stopped at step %d; checkpoint %s (run the same command "
                                      "to resume)", self.step, self.path)
                         return {**metrics, "stopped": stop.requested or "signal",
                                 "step": self.step}
-                    metrics = self._end_epoch()
         finally:
             if self.writer is not None:
                 self.writer.close()
@@ -246,11 +289,15 @@ class Pretraining:
 
     def _train_epoch(self, stop: StopOnSignal) -> bool:
         """The epoch's remaining steps; False if stopped (by a signal or the time limit) after
-        saving a checkpoint. Between log points no step waits for the device."""
+        saving a checkpoint. Between log points no step waits for the device. Every
+        cfg.checkpoint_every minutes a checkpoint is written mid-epoch, as a stop writes it."""
         cfg = self.cfg
         self.model.train()
-        self.train_batches.set_epoch(self.epoch, self.step_in_epoch)
         start, images = time.perf_counter(), 0
+        self.images_per_s = None  # no steps in this process (resumed at the epoch's end)
+        if self.step_in_epoch >= self.steps_per_epoch:
+            return True
+        self.train_batches.set_epoch(self.epoch, self.step_in_epoch)
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, unit="step",
                    desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.main_rank,
                    mininterval=1.0, dynamic_ncols=True)
@@ -259,8 +306,6 @@ class Pretraining:
                 if self.step_in_epoch >= self.steps_per_epoch:
                     break
                 lr = cfg.lr * lr_factor(self.step, self.steps_per_epoch, cfg)
-                if cfg.time_limit and time.perf_counter() - self.started > 60 * cfg.time_limit:
-                    stop.requested = stop.requested or "time limit"
                 x1, x2, labels, *more_views = (x.to(self.device, non_blocking=True)
                                                for x in (x1, x2, labels, *more_views))
                 self.sums.add(self.train_step(x1, x2, labels, lr, more_views))
@@ -274,6 +319,8 @@ class Pretraining:
                 if self._stop_now(stop, log_point):
                     self.save()
                     return False
+                if self._checkpoint_due(log_point):
+                    self.save()
         self.images_per_s = images / (time.perf_counter() - start)
         return True
 
@@ -286,6 +333,18 @@ class Pretraining:
         flag = torch.tensor(float(bool(stop.requested)), device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return flag.item() > 0
+
+    def _checkpoint_due(self, log_point: bool) -> bool:
+        """Whether cfg.checkpoint_every minutes have passed since the last checkpoint (or the
+        start); with several processes rank 0's clock decides, at log points."""
+        if not self.cfg.checkpoint_every or (self.world_size > 1 and not log_point):
+            return False
+        due = time.perf_counter() - self.saved_at > 60 * self.cfg.checkpoint_every
+        if self.world_size > 1:
+            flag = [due]
+            torch.distributed.broadcast_object_list(flag, src=0)
+            due = flag[0]
+        return due
 
     def _read_sums(self) -> tuple[dict[str, float], int]:
         """The epoch's sums so far and its skipped steps; stops on a non-finite loss unless
@@ -308,7 +367,10 @@ class Pretraining:
 
     def _log_progress(self, bar: tqdm, images_per_s: float) -> None:
         values, _ = self._read_sums()
-        steps = max(values["steps"], 1)
+        steps = values["steps"]
+        if not steps:  # every step so far skipped: no mean to show
+            bar.set_postfix(loss="none (all skipped)", refresh=False)
+            return
         bar.set_postfix(loss=f"{values['loss'] / steps:.3f}", img_s=f"{images_per_s:.0f}",
                         lin_acc=f"{values['correct_linear'] / max(values['n_labelled'], 1):.3f}",
                         refresh=False)
@@ -318,14 +380,26 @@ class Pretraining:
             self.writer.add_scalar("train/lr", self.train_step.optimiser.param_groups[0]["lr"],
                                    self.step)
 
-    def _end_epoch(self) -> dict:
-        """The epoch's metrics line (and test accuracy of the probes), then a checkpoint."""
+    def _end_epoch(self, stop: StopOnSignal) -> dict | None:
+        """The epoch's metrics line (and test accuracy of the probes), then a checkpoint.
+        None if a stop cut the test probes short: then the checkpoint is saved at the epoch's
+        last step, and the resumed run tests and writes the line."""
         values, skipped = self._read_sums()
-        steps = max(values["steps"], 1)
+        steps = values["steps"]
+        if not steps:  # no mean exists; the weights are whatever made every loss non-finite
+            last = (f"the last good checkpoint is {self.path} (epoch {self.epoch})"
+                    if self.path.exists() else "no checkpoint was saved before it")
+            log.warning("every step of epoch %d was skipped (non-finite loss)", self.epoch + 1)
+            raise TrainingError(
+                f"all {skipped} steps of epoch {self.epoch + 1} had a non-finite loss and were "
+                f"skipped: the model no longer trains; {last}, kept as it was. Lower --lr or "
+                "use --precision fp32, and resume or start again")
         metrics = {"epoch": self.epoch + 1, "step": self.step,
                    "lr": self.train_step.optimiser.param_groups[0]["lr"],
-                   **{k: values[k] / steps for k in LOSSES}, "images_per_s": self.images_per_s,
-                   "wall_s": time.perf_counter() - self.started}  # this process, start-up in
+                   **{k: values[k] / steps for k in LOSSES}}
+        if self.images_per_s is not None:  # none when no step ran in this process
+            metrics["images_per_s"] = self.images_per_s
+        metrics["wall_s"] = time.perf_counter() - self.started  # this process, start-up in
         self.skipped_batches += skipped
         if self.skipped_batches:
             metrics["skipped_batches"] = self.skipped_batches
@@ -338,8 +412,14 @@ class Pretraining:
             metrics["train_linear_acc"] = values["correct_linear"] / labelled
             metrics["train_mlp_acc"] = values["correct_mlp"] / labelled
         if self.test_batches is not None:
-            metrics.update(probe_accuracy(self.model, self.test_batches, self.device,
-                                          autocast_for(self.cfg.precision, self.device)))
+            try:
+                with stop.immediate():  # eval mode, no step: nothing of it needs saving
+                    metrics.update(probe_accuracy(self.model, self.test_batches, self.device,
+                                                  autocast_for(self.cfg.precision, self.device)))
+            except Stopped:
+                self.model.train()
+                self.save()
+                return None
         if self.main_rank:
             for name, value in metrics.items():
                 self.writer.add_scalar(f"epoch/{name}", value, self.epoch + 1)
@@ -364,22 +444,29 @@ class Pretraining:
             torch.distributed.all_gather_object(rngs, rng)
         if self.main_rank:
             model, step = self.model, self.train_step
+            state = {
+                "format": checkpoint.FORMAT, "config": self.cfg.to_dict(),
+                "n_classes": self.n_classes, "encoder": model.encoder.state_dict(),
+                "probes": model.probes.state_dict() if model.probes else None,
+                "mixture_head": model.mixture_head.state_dict() if model.mixture_head else None,
+                "optimizer": step.optimiser.state_dict(), "scaler": step.scaler.state_dict(),
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
+                "rng": rngs, "data_path": self.data_path, "views": self.layout,
+                "data_fingerprint": self.fingerprint,
+                "epoch_sums": torch.tensor(list(values.values()), dtype=torch.float64),
+                "skipped_batches": self.skipped_batches}
             try:
-                checkpoint.save_atomic({
-                    "format": checkpoint.FORMAT, "config": self.cfg.to_dict(),
-                    "n_classes": self.n_classes, "encoder": model.encoder.state_dict(),
-                    "probes": model.probes.state_dict() if model.probes else None,
-                    "mixture_head": model.mixture_head.state_dict() if model.mixture_head else None,
-                    "optimizer": step.optimiser.state_dict(), "scaler": step.scaler.state_dict(),
-                    "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
-                    "rng": rngs, "data_path": self.data_path, "views": self.layout,
-                    "data_fingerprint": self.fingerprint,
-                    "epoch_sums": torch.tensor(list(values.values()), dtype=torch.float64),
-                    "skipped_batches": self.skipped_batches}, self.path)
-            except OSError as error:  # e.g. a full disk: save_atomic left the old file intact
+                checkpoint.save_atomic(state, self.path)
+            except (OSError, RuntimeError) as error:  # a full disk: torch raises either
+                # save_atomic left the old file intact
+                reason = (error.strerror if isinstance(error, OSError) and error.strerror
+                          else str(error).strip().splitlines()[0] if str(error).strip()
+                          else type(error).__name__)
+                kept = ("the previous checkpoint there is kept" if self.path.exists()
+                        else "no checkpoint was saved before")
                 raise TrainingError(
-                    f"could not write the checkpoint {self.path} ({error.strerror or error}); "
-                    "the previous checkpoint there is kept. Free some space and run the same "
-                    "command to resume.") from None
+                    f"could not write the checkpoint {self.path} ({reason}); {kept}. Free some "
+                    "space and run the same command to resume.") from None
         if self.world_size > 1:
             torch.distributed.barrier()
+        self.saved_at = time.perf_counter()

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,33 +30,122 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "time limit": 75}  # 75: EX_TEMPFAI
 # settings a resumed run may change; every other field must equal the saved run's
 RESUMABLE = {"epochs", "workers", "threads", "device", "run_dir", "data_root", "download",
              "log_every", "final_probe", "skip_nonfinite", "strict_data", "data_path", "compile",
-             "time_limit", "channels_last", "final_probe_images"}
+             "time_limit", "channels_last", "final_probe_images", "checkpoint_every",
+             "eval_batch_size"}
 
 
 class TrainingError(RuntimeError):
     """A run that cannot start or go on, with what to do about it."""
 
 
-class StopOnSignal:
-    """SIGINT/SIGTERM set `requested`; the loop saves and stops at the next step boundary.
-    A second SIGINT interrupts at once."""
+class Stopped(BaseException):
+    """A phase cut short by a stop request (SIGINT, SIGTERM or the time limit); a
+    BaseException, so that no `except Exception` on the way swallows it."""
 
-    def __init__(self):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StopOnSignal:
+    """SIGINT, SIGTERM and the time limit (cfg.time_limit minutes, a SIGALRM) set `requested`.
+    Inside `deferred()` (the training steps, a checkpoint's write) the run stops at the next
+    safe point, after saving; in every other phase (data caching, test probes, the final probe)
+    nothing is lost by stopping at once, so the signal raises Stopped there and then. A second
+    SIGINT interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self, time_limit: float = 0.0):
         self.requested: str | None = None
+        self._deferred, self._time_limit = 0, time_limit
 
     def _handle(self, number, frame):
         if self.requested and number == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = signal.Signals(number).name
-        log.warning("%s received: saving a checkpoint at the end of this step", self.requested)
+        reason = "time limit" if number == signal.SIGALRM else signal.Signals(number).name
+        self.requested = self.requested or reason
+        if not self._deferred:
+            raise Stopped(self.requested)
+        log.warning("%s: saving a checkpoint at the end of this step", reason if reason ==
+                    "time limit" else f"{reason} received")
+
+    @contextmanager
+    def deferred(self):
+        """Signals only set `requested` inside (the caller stops at its next safe point)."""
+        self._deferred += 1
+        try:
+            yield self
+        finally:
+            self._deferred -= 1
+
+    @contextmanager
+    def immediate(self):
+        """A phase inside deferred() that may stop at once (raises Stopped)."""
+        saved, self._deferred = self._deferred, 0
+        try:
+            if self.requested:
+                raise Stopped(self.requested)
+            yield self
+        finally:
+            self._deferred = saved
 
     def __enter__(self):
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        numbers = (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)
+        self._previous = {s: signal.signal(s, self._handle) for s in numbers}
+        if self._time_limit:  # minutes from now (the run's start)
+            signal.setitimer(signal.ITIMER_REAL, 60 * self._time_limit)
         return self
 
     def __exit__(self, *exc):
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+
+
+class EventLog:
+    """The run's TensorBoard events (SummaryWriter). A write that fails (a full disk), in
+    the writer's thread or here, is one warning, and the run goes on without events."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir, self._previous_hook, self.failed = run_dir, threading.excepthook, False
+        threading.excepthook = self._thread_failed  # else the writer's thread prints a traceback
+        self.writer = None
+        try:
+            writer = SummaryWriter(str(run_dir))  # writes its first event at once
+            self.writer = None if self.failed else writer
+        except OSError as error:  # the thread's error, raised again here
+            self._failed(error)
+
+    def _thread_failed(self, args) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread":
+            self._failed(args.exc_value)
+        else:
+            self._previous_hook(args)
+
+    def _failed(self, error: BaseException) -> None:
+        if not self.failed:
+            self.failed, self.writer = True, None
+            reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+            log.warning("cannot write TensorBoard events in %s (%s): training goes on without "
+                        "them (metrics.jsonl and the checkpoint are written as before); free "
+                        "some space for the next run's events", self.run_dir, reason)
+
+    def add_scalar(self, *args) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.add_scalar(*args)
+            except Exception as error:  # the thread's error, raised again here
+                self._failed(error)
+
+    def close(self) -> None:
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except Exception as error:
+            self._failed(error)
+        finally:
+            threading.excepthook = self._previous_hook
 
 
 def check_same_run(saved: dict, cfg: PretrainConfig, path: Path) -> None:
