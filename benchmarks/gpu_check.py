@@ -73,7 +73,6 @@ STEPS = (  # most valuable first
     Step("mixture-imagenette", "a K=4 mixture run on Imagenette, then its maps and coherence",
          420, 240, 330, IMAGENETTE),
 )
-BY_KEY = {step.key: step for step in STEPS}
 # issue 22's targets: (step, where its value is in the step's record, at least)
 TARGETS = {
     "no host sync between log points (the gpu tests pass)": ("gpu-tests", "status", "ok"),
