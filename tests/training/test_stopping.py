@@ -244,3 +244,26 @@ def test_loader_workers_stopped_by_the_signal_end_the_run_as_a_stop(tmp_path, mo
     monkeypatch.setattr(training.Pretraining, "run", killed)
     assert pretrain(tiny(tmp_path, epochs=1)) == {"stopped": "SIGTERM"}
 
+
+
+class _SignalDispositions(torch.utils.data.Dataset):
+    """Items that say whether the process building them ignores SIGTERM and SIGINT."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        ignored = [signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGINT)]
+        return (torch.tensor(ignored), torch.tensor(ignored)), index
+
+
+def test_loader_workers_leave_the_stop_signals_to_the_main_process(tmp_path):
+    """SLURM's --signal=TERM reaches the workers too: they ignore it, so the main process
+    stops at its step's end and saves there instead of losing the steps since a checkpoint."""
+    from amdim.data.batches import LoaderBatches
+
+    batches = LoaderBatches(_SignalDispositions(), tiny(tmp_path, batch_size=4, workers=1),
+                            torch.device("cpu"), rank=0, world_size=1)
+    (ignored, _), _ = next(iter(batches))
+    assert ignored.all()  # in the worker
+    assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # and not in this process

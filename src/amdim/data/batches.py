@@ -7,6 +7,7 @@ callable; training.inputs passes views.batch_views.BatchViews / BatchEvaluation)
 """
 from __future__ import annotations
 
+import signal
 from typing import Callable, Iterator
 
 import torch
@@ -16,6 +17,15 @@ from ..config import PretrainConfig
 from .batch_order import batch_indices, derive_seed
 from .device_images import ImageCache
 from .image_files import DataError
+
+
+def leave_stops_to_the_main_process(worker_id: int) -> None:
+    """worker_init_fn of every DataLoader of a run: SLURM's --signal=TERM and a terminal's
+    Ctrl-C reach every process of the job, and a worker they end would end the run at once,
+    from its last checkpoint. Ignoring them, the workers let the main process stop at the end
+    of its step and save there; they still end with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class EpochBatches(Sampler[list[tuple[int, int, int]]]):
@@ -78,6 +88,7 @@ class LoaderBatches:
         return iter(DataLoader(SeededBatches(self.dataset, cfg.seed, self.rank),
                                batch_sampler=batches, num_workers=cfg.workers,
                                pin_memory=self.device.type == "cuda",
+                               worker_init_fn=leave_stops_to_the_main_process,
                                generator=torch.Generator().manual_seed(cfg.seed)))
 
 

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import PretrainConfig
-from ..data.batches import EvalBatches, LoaderBatches, TrainBatches
+from ..data.batches import (EvalBatches, LoaderBatches, TrainBatches,
+                            leave_stops_to_the_main_process)
 from ..data.datasets import DataError, normalisation, pretraining_datasets
 from ..data.device_images import cache_dataset, fits_in_memory, stored_size
 from ..data.paired import view_sources
@@ -72,5 +73,6 @@ def make_batches(cfg: PretrainConfig, path: str, train_set: Dataset, test_set: D
     train = LoaderBatches(train_set, cfg, device, rank, world_size)
     test = None if test_set is None else DataLoader(  # the whole test set, in order
         test_set, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.workers,
-        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+        pin_memory=device.type == "cuda", worker_init_fn=leave_stops_to_the_main_process,
+        generator=torch.Generator().manual_seed(cfg.seed))
     return train, test
