@@ -19,7 +19,9 @@ from .config import PretrainConfig
 log = logging.getLogger("amdim")
 # the files `amdim pretrain` keeps in a run folder (training.run_folder, checkpoint): no other
 # command writes a file of these names into a folder that holds a run
-RUN_FILES = ("checkpoint.pt", "checkpoint.pt.tmp", "config.json", "metrics.jsonl", "lock")
+CHECKPOINT = "checkpoint.pt"
+LOCK = "lock"  # held (flock) by the run writing into the folder; names its PID and host
+RUN_FILES = (CHECKPOINT, CHECKPOINT + ".tmp", "config.json", "metrics.jsonl", LOCK)
 EVENTS_PREFIX = "events.out.tfevents."  # TensorBoard's
 
 

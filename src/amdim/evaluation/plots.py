@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime import check_output, file_tag
+from ..runtime import CHECKPOINT, check_output, file_tag
 
 log = logging.getLogger("amdim")
 METRICS = "metrics.jsonl"
-CHECKPOINT = "checkpoint.pt"  # the name `amdim pretrain` gives its checkpoint
 # panels of the training curves: title, y label, which metrics
 NCE = ("loss_1t5", "loss_1t7", "loss_5t5", "score_reg", "loss")
 PANELS = (("NCE objective", "loss", lambda k: k in NCE),

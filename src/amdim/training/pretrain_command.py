@@ -16,7 +16,7 @@ from ..data.datasets import DataError, stored_image_size
 from ..runtime import resolve_device
 from . import checkpoint
 from .pretraining import pretrain
-from .run_folder import EXIT_CODES, TrainingError
+from .run_folder import CHECKPOINT, EXIT_CODES, TrainingError
 
 log = logging.getLogger("amdim")
 
@@ -100,7 +100,7 @@ def _run(args: argparse.Namespace) -> None:
     except (ValueError, TrainingError, DataError, checkpoint.CheckpointError, OSError) as error:
         raise SystemExit(f"amdim pretrain: {_message(error)}") from None
     except KeyboardInterrupt:  # a second Ctrl-C: at once, the write of a checkpoint too
-        path = os.path.join(args.run_dir or "runs/amdim", "checkpoint.pt")
+        path = os.path.join(args.run_dir or PretrainConfig.run_dir, CHECKPOINT)
         kept = (f"{path} holds the run as of its last save" if os.path.exists(path)
                 else "no checkpoint was saved")
         print(f"amdim pretrain: interrupted at once (a second Ctrl-C); {kept}; run the same "

@@ -21,10 +21,9 @@ import torch
 
 from ..config import PretrainConfig
 from ..data.datasets import resolved_data
+from ..runtime import CHECKPOINT, LOCK
 
 log = logging.getLogger("amdim")
-CHECKPOINT = "checkpoint.pt"
-LOCK = "lock"  # held (flock) by the run writing into the folder; names its PID and host
 # exit status of `amdim pretrain` when stopped early (the run resumes from its checkpoint)
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "time limit": 75}  # 75: EX_TEMPFAIL
 # settings a resumed run may change; every other field must equal the saved run's
