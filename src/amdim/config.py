@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 # the image sizes the encoder has an architecture for, and the views a recipe (views.image_views)
 IMAGE_SIZES = (32, 64, 128)
+# data paths whose views are built in batches on the training device (views.batch_views)
+BATCHED_PATHS = ("device", "sharded", "decode")
 
 
 # the standard backbones model.backbones builds (validated here, with the config)
@@ -118,8 +120,8 @@ class PretrainConfig:
     data_root: str = _field("data", "where torchvision datasets are (or are downloaded to)")
     download: bool = _field(False, "let torchvision download cifar10/cifar100/stl10 into data_root")
     workers: int = _field(-1, "data-loader worker processes (0: load in the main process; -1: auto, 0 on the device data path, else what the cores left by the compute threads allow)")
-    data_path: str = _field("auto", "device: decode the images once onto the training device and build views there in batches; loader: DataLoader workers augment on the CPU; auto: device for an in-memory set of one image size that fits in half the GPU's free memory (on a CPU: in a quarter of the RAM), else loader",
-                            choices=("auto", "device", "loader"))
+    data_path: str = _field("auto", "device: decode the images once onto the training device and build views there in batches; sharded: the same, each of N processes holding 1/N of the images; decode: loader workers read the JPEG bytes of each batch (an image folder or an amdim prepare store), the training device decodes them together and builds the views there; loader: DataLoader workers decode and augment each image on the CPU; auto: device for an in-memory set of one image size that fits in half the GPU's free memory (on a CPU: in a quarter of the RAM), sharded where only 1/N fits, decode for a folder or store (on a CPU: of images at most twice the view size), else loader",
+                            choices=("auto", "device", "sharded", "decode", "loader"))
     strict_data: bool = _field(False, "stop at an unreadable image file instead of skipping it with a warning")
     augment: str = _field("paper", "the views' augmentation policy: paper (the authors' views.py); imagenet-faa: the paper's views plus, after the crop, the Fast AutoAugment ImageNet policy, crop scale 0.2-0.9 and PCA lighting 0.1 (the authors' strongest ImageNet results); randaugment, trivialaugment: torchvision's policy after the crop (loader data path only)",
                           choices=("paper", "imagenet-faa", "randaugment", "trivialaugment"))
@@ -184,10 +186,11 @@ class PretrainConfig:
         if self.augment not in ("paper", "imagenet-faa", "randaugment", "trivialaugment"):
             raise ValueError("augment must be paper, imagenet-faa, randaugment or "
                              f"trivialaugment, got {self.augment!r}")
-        if self.augment in ("randaugment", "trivialaugment") and self.data_path == "device":
+        batched = self.data_path in BATCHED_PATHS
+        if self.augment in ("randaugment", "trivialaugment") and batched:
             raise ValueError(f"--augment {self.augment} runs torchvision's PIL policy in the "
                              "DataLoader workers: use --data-path loader (or auto)")
-        if self.views != "augment" and self.data_path == "device":
+        if self.views != "augment" and batched:
             raise ValueError(f"--views {self.views} builds its views in DataLoader workers: use "
                              "--data-path loader (or auto)")
         if self.views == "augment" and (self.view_encoders != "auto" or self.view_augment):

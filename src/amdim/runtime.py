@@ -92,9 +92,12 @@ def resolve_runtime(cfg: PretrainConfig, device: torch.device, data_path: str,
     if precision == "auto":
         precision = "bf16" if native_bf16(device) else "fp32"
     workers = cfg.workers
-    if workers < 0:  # the device path builds views in the main process
+    if workers < 0:  # the device paths build views in the main process
         limit = 8 if device.type == "cuda" else 1  # on a CPU every worker takes a compute core
-        workers = 0 if data_path == "device" else min(limit, cores - 1)
+        # decode: the workers only read bytes, which on a CPU this process does in passing
+        none = data_path in ("device", "sharded") or (data_path == "decode"
+                                                       and device.type != "cuda")
+        workers = 0 if none else min(limit, cores - 1)
     threads = cfg.threads or max(1, cores - (workers if device.type == "cpu" else 0))
     if threads > cores:  # threads beyond the cores spin against each other: 10-800x slower
         log.warning("--threads %d is more than the %d cores this process may use "

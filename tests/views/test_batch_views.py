@@ -529,3 +529,67 @@ def test_faa_views_on_cuda_group_by_operation_and_never_wait_for_the_host(image_
 def test_faa_views_on_cuda_match_the_cpu_path_and_never_sync(image_size, source, n):
     assert_cuda_views_match_cpu_path_without_sync(image_size, source, n, "imagenet-faa",
                                                   image_size + 1)
+
+
+# --- images of different sizes on a padded canvas (data.jpeg_batches) ------------------------
+
+@pytest.mark.parametrize("image_size, shape, atol", [
+    (32, (32, 32), 1e-4), (64, (140, 150), 1e-4), (128, (140, 150), 1e-4),
+    (32, (140, 150), 0.05)])  # the fit to 32 px: within half a pixel (2 grey levels here)
+def test_views_of_a_full_canvas_with_sizes_equal_the_uniform_ones(image_size, shape, atol):
+    images = colour_images(5, *shape)
+    sizes = torch.tensor([shape] * 5)
+    views = bv.BatchViews(image_size, MEAN, STD)
+    uniform = views(images, torch.Generator().manual_seed(3))
+    padded = views(images, torch.Generator().manual_seed(3), sizes=sizes)
+    for a, b in zip(uniform, padded):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("image_size", [32, 128])
+def test_views_on_a_padded_canvas_read_only_their_own_image(image_size):
+    # each image alone on its own canvas against the same image padded among larger ones:
+    # the padding (here white) never reaches a view, and the crops follow each image's size
+    g = torch.Generator().manual_seed(0)
+    shapes = [(150, 200), (200, 130), (170, 170)]
+    canvas = torch.full((3, 3, 200, 200), 255, dtype=torch.uint8)
+    alone = []
+    for i, (h, w) in enumerate(shapes):
+        image = colour_images(1, h, w, seed=i)
+        canvas[i, :, :h, :w] = image[0]
+        alone.append(image)
+    sizes = torch.tensor(shapes)
+    views = bv.BatchViews(image_size, MEAN, STD, jitter_p=0.0, grayscale_p=0.0)
+    white = (1 - torch.tensor(MEAN)) / torch.tensor(STD)
+    for seed in range(5):
+        v1, v2 = views(canvas, torch.Generator().manual_seed(seed), sizes=sizes)
+        # no view is near white anywhere: the images are at most 255 * brightness < white
+        for v in (v1, v2):
+            assert not torch.isclose(v.permute(0, 2, 3, 1), white, atol=1e-3).all(-1).any()
+    # the box distribution follows each image's aspect: a view of image 1 (tall) shows at
+    # most all of its height, so the crop sizes differ from image 0's; statistics per image
+    if image_size == 128:
+        boxes = bv.image_crop_constants(sizes)
+        assert boxes["limits"][:, :, 0].tolist() == [[150, 200], [200, 130], [170, 170]]
+        start, size = bv.crop_boxes(torch.rand(2000, 3, 2, bv.CROP_TRIES, generator=g),
+                                    torch.rand(2000, 3, 2, generator=g), boxes)
+        assert (start + size <= sizes.float()).all() and (start >= 0).all()
+        assert (size <= sizes.float()).all()
+
+
+def test_image_crop_constants_equal_the_fixed_ones_per_image():
+    for h, w in [(96, 120), (120, 40), (40, 120), (33, 33)]:
+        fixed = bv.crop_constants(h, w)
+        per_image = bv.image_crop_constants(torch.tensor([[h, w]]))
+        for key, value in fixed.items():
+            torch.testing.assert_close(per_image[key][0] if key != "signs" else per_image[key],
+                                       value.float(), msg=key)
+
+
+def test_flip_within_mirrors_each_image_inside_its_width():
+    images = torch.arange(2 * 1 * 2 * 5, dtype=torch.uint8).view(2, 1, 2, 5)
+    out = bv.flip_within(images, torch.tensor([3, 5]), torch.tensor([True, True]))
+    assert out[0, 0, 0].tolist() == [2, 1, 0, 3, 4]  # columns 3, 4: padding, unchanged
+    assert torch.equal(out[1], images[1].flip(-1))
+    same = bv.flip_within(images, torch.tensor([3, 5]), torch.tensor([False, False]))
+    assert torch.equal(same, images)

@@ -34,3 +34,28 @@ def batch_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
     n_batches, local = n // batch_size, batch_size // world_size
     # (n_batches * batch_size,) -> (n_batches, world_size, local)
     return order[:n_batches * batch_size].view(n_batches, world_size, local)[:, rank]
+
+
+SHARD_KEY = 2**32  # beyond any epoch: the keys of the shards' streams never name an epoch's
+
+
+def shard_indices(n: int, seed: int, rank: int, world_size: int) -> torch.Tensor:
+    """The images rank `rank` of `world_size` holds on the sharded device path: every
+    world_size-th image of one permutation of range(n) drawn from (seed, world_size), fixed for
+    the run (class-sorted sets give every rank every class). All shards hold n // world_size
+    images; the remainder is left out. int64 (n // world_size,), sorted."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(
+        derive_seed(seed, SHARD_KEY + world_size)))
+    return order[:n // world_size * world_size].view(-1, world_size)[:, rank].sort().values
+
+
+def shard_batch_indices(n_shard: int, local_batch: int, seed: int, epoch: int, rank: int
+                        ) -> torch.Tensor:
+    """Rank `rank`'s part of each global batch of epoch `epoch` on the sharded path: positions
+    in its shard, int64 (n_shard // local_batch, local_batch). Each rank draws its own order of
+    its shard from (seed, epoch, rank): every held image once an epoch, and a global batch is
+    local_batch random images of each shard rather than a random draw from the whole set."""
+    order = torch.randperm(n_shard, generator=torch.Generator().manual_seed(
+        derive_seed(seed, epoch, SHARD_KEY + rank)))
+    n_batches = n_shard // local_batch
+    return order[:n_batches * local_batch].view(n_batches, local_batch)

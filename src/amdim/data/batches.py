@@ -10,11 +10,12 @@ from __future__ import annotations
 import signal
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import PretrainConfig
-from .batch_order import batch_indices, derive_seed
+from .batch_order import batch_indices, derive_seed, shard_batch_indices
 from .device_images import ImageCache
 from .image_files import DataError
 
@@ -96,24 +97,27 @@ class TrainBatches:
     """Shuffled full batches ((view1, view2), labels) of an ImageCache, views built on its
     device; which images and which random draws follow batch_order. Under distributed
     training every rank holds the whole cache and takes its slice of each global batch of
-    batch_size images. Iterating again goes on where the last iteration stopped: the next
-    epoch after a whole one."""
+    batch_size images; sharded, each rank's cache is its shard (batch_order.shard_indices) and
+    it takes batch_size // world_size images of it per batch (batch_order.shard_batch_indices).
+    Iterating again goes on where the last iteration stopped: the next epoch after a whole
+    one."""
 
     def __init__(self, cache: ImageCache, views: Callable, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, sharded: bool = False):
         if batch_size < 1 or batch_size % world_size or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 divisible by world_size and 0 <= rank < "
                              f"world_size; got {batch_size}, {rank}, {world_size}")
-        if len(cache) < batch_size:
-            raise DataError(f"the dataset has {len(cache)} images, fewer than one batch of "
-                            f"{batch_size}: lower the batch size")
+        self.sharded, self.local_batch = sharded, batch_size // world_size
+        if len(cache) < (self.local_batch if sharded else batch_size):
+            raise DataError(f"the dataset has {len(cache)} images{' in this shard' * sharded}, "
+                            f"fewer than one batch of {batch_size}: lower the batch size")
         self.cache, self.views, self.batch_size = cache, views, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch, self.batch = 0, 0
         self.generator = torch.Generator(device=cache.images.device)
 
     def __len__(self) -> int:
-        return len(self.cache) // self.batch_size
+        return len(self.cache) // (self.local_batch if self.sharded else self.batch_size)
 
     def set_epoch(self, epoch: int, batch: int = 0) -> None:
         """Serve epoch `epoch` next, starting after its first `batch` batches."""
@@ -124,8 +128,12 @@ class TrainBatches:
     def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
         epoch, start, images = self.epoch, self.batch, self.cache.images
         # (batches, batch_size // world_size), copied to the device once per epoch
-        rows = batch_indices(len(images), self.batch_size, self.seed, epoch, self.rank,
-                             self.world_size).to(images.device)
+        if self.sharded:
+            rows = shard_batch_indices(len(images), self.local_batch, self.seed, epoch, self.rank)
+        else:
+            rows = batch_indices(len(images), self.batch_size, self.seed, epoch, self.rank,
+                                 self.world_size)
+        rows = rows.to(images.device)
         for k in range(start, len(rows)):
             self.generator.manual_seed(derive_seed(self.seed, epoch, k, self.rank))
             views = self.views(images[rows[k]], self.generator)
@@ -149,3 +157,31 @@ class EvalBatches:
         for start in range(0, len(self.cache), self.batch_size):
             stop = start + self.batch_size
             yield self.transform(self.cache.images[start:stop]), self.cache.labels[start:stop]
+
+
+class Shard(Dataset):
+    """The images `indices` of a dataset, for the sharded device path: items, `labels`,
+    `classes` and the `transform` (which data.device_images.cache_dataset bypasses while
+    decoding) are the dataset's; an in-memory set's `images` are sliced, not read back."""
+
+    def __init__(self, dataset: Dataset, indices: torch.Tensor):
+        self.dataset, self.indices = dataset, indices.tolist()
+        pixels, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
+        if pixels is not None and labels is not None:
+            self.images, self.labels = pixels[self.indices], np.asarray(labels)[self.indices]
+        if hasattr(dataset, "classes"):
+            self.classes = dataset.classes
+
+    @property
+    def transform(self):
+        return getattr(self.dataset, "transform", None)
+
+    @transform.setter
+    def transform(self, value) -> None:
+        self.dataset.transform = value
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]

@@ -178,12 +178,14 @@ class Pretraining:
         self.steps_per_epoch = min(steps, cfg.steps_per_epoch or steps)
         # a resumed run keeps its data path (the two build views differently); ranks agree
         path = [self.state["data_path"] if self.state
-                else choose_data_path(cfg, self.train_set, self.device)]
+                else choose_data_path(cfg, self.train_set, self.device, self.world_size)]
         if self.world_size > 1:
             torch.distributed.broadcast_object_list(path, src=0)
         self.data_path = path[0]
         here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes sharing these cores
-        self.cfg = resolve_runtime(cfg, self.device, self.data_path, here)
+        # config.json records the path taken (auto resolved)
+        self.cfg = resolve_runtime(replace(cfg, data_path=self.data_path), self.device,
+                                   self.data_path, here)
         torch.set_num_threads(self.cfg.threads)
         if self.state:
             check_same_run(self.state["config"], self.cfg, self.path)

@@ -118,6 +118,48 @@ def crop_constants(height: int, width: int, scale: Sequence[float] = CROP_SCALE,
                                             (width - fallback[1]) // 2], dtype=torch.float32)}
 
 
+def image_crop_constants(sizes: torch.Tensor, scale: Sequence[float] = CROP_SCALE,
+                         ratio: Sequence[float] = CROP_RATIO) -> dict[str, torch.Tensor]:
+    """crop_constants for a batch of images of their own sizes, sizes (B, 2) (height, width)
+    on the images' device: the same tensors with a leading batch dimension, so crop_boxes
+    draws each image's box within its own bounds (images of a padded canvas, top left)."""
+    hw = sizes.float()
+    area, aspect = hw[:, 0] * hw[:, 1], hw[:, 1] / hw[:, 0]
+    low, high = min(ratio), max(ratio)
+    # the fallback: the whole image, cut to the nearest allowed ratio (round half to even,
+    # as Python's round in crop_constants)
+    fallback = torch.stack([torch.where(aspect < low, torch.round(hw[:, 1] / low), hw[:, 0]),
+                            torch.where(aspect > high, torch.round(hw[:, 0] * high), hw[:, 1])], 1)
+    log_ratio = torch.full_like(area, math.log(low))
+    span = torch.full_like(area, math.log(high) - math.log(low))
+    return {"try_low": torch.stack([area * scale[0], log_ratio], 1)[..., None],
+            "try_span": torch.stack([area * (scale[1] - scale[0]), span], 1)[..., None],
+            "signs": torch.tensor([[-1.0], [1.0]], device=sizes.device),
+            "limits": hw[..., None], "limits_plus_one": hw + 1,
+            "fallback_size": fallback, "fallback_start": torch.floor((hw - fallback) / 2)}
+
+
+def image_fit_weights(sizes: torch.Tensor, canvas: tuple[int, int], size: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (B, S, H) and columns (B, S, W) that fit each image of a padded canvas (sizes
+    (B, 2), top left) to size x size: its centred square, resized (views.Fit, to within half a
+    pixel of its Resize-then-CenterCrop)."""
+    short = sizes.min(1).values
+    starts = torch.div(sizes - short[:, None], 2, rounding_mode="floor")
+    return (resample_weights(starts[:, 0], short, canvas[0], size),
+            resample_weights(starts[:, 1], short, canvas[1], size))
+
+
+def flip_within(images: torch.Tensor, widths: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Flip the images (B, C, H, W) of a padded canvas left to right within their own widths
+    (B,) where flip (B,) is true: column j reads column width - 1 - j; the padding stays."""
+    columns = torch.arange(images.shape[3], device=images.device)
+    mirrored = widths[:, None] - 1 - columns
+    source = torch.where(flip[:, None] & (mirrored >= 0), mirrored, columns)  # (B, W)
+    index = source.view(len(images), 1, 1, -1).expand(-1, *images.shape[1:3], -1)
+    return images.gather(3, index)
+
+
 def crop_boxes(tries: torch.Tensor, offsets: torch.Tensor, const: dict[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Crop boxes from uniform numbers: tries (..., 2, T) for the area and log aspect ratio of

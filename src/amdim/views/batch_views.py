@@ -40,8 +40,9 @@ import torch
 from ..config import IMAGE_SIZES
 from .augment import LIGHTING_STD, PCA_EIGVAL, PCA_EIGVEC
 from .batch_geometry import (CROP_TRIES, centre_crop_weights, crop_boxes,  # noqa: F401 (API)
-                             crop_constants, crop_windows, reflected, resize_centre_crop,
-                             resized_crop, sample_crop_boxes, translate)
+                             crop_constants, crop_windows, flip_within, image_crop_constants,
+                             image_fit_weights, reflected, resize_centre_crop, resized_crop,
+                             sample_crop_boxes, translate)
 from .batch_colour import (colour_constants, colour_jitter,  # noqa: F401 (API: colour_jitter)
                            colour_matrices, colour_steps, grayscale)
 from .batch_policy import BatchFastAutoAugment
@@ -52,6 +53,7 @@ from .image_views import (CROP_RATIO, CROP_SCALE, EVAL_RESIZE, JITTER, LUMA,  # 
 # probabilities, jitter gains and hue, keys of the jitter order, then the geometry
 FLAGS, GAINS, ORDER, GEOMETRY = slice(0, 4), slice(4, 8), slice(8, 12), 12
 COLUMNS = GEOMETRY + 2 * CROP_TRIES + 2
+KEEP_SHAPES = 8  # image (canvas) shapes whose constants are kept: the most recent
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -99,34 +101,46 @@ class BatchViews:
         if augment == "imagenet-faa":
             self.policy = BatchFastAutoAugment(seed=seed)
         self._constants: dict[tuple, dict[str, torch.Tensor]] = {}  # per (device, H, W)
+        self._windows: dict[tuple, torch.Tensor] = {}  # per (device, longer side)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        views = self._views(images, generator, copies=2, flip=True)  # (2, B, 3, S, S)
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                 sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """sizes: for images of different sizes, padded into one canvas at its top left
+        (data.jpeg_batches), each image's (height, width), int (B, 2) on the images' device;
+        None: every image fills the canvas."""
+        views = self._views(images, generator, copies=2, flip=True, sizes=sizes)  # (2, B, ...)
         return views[0], views[1]
 
-    def view(self, images: torch.Tensor, generator: torch.Generator | None = None
-             ) -> torch.Tensor:
+    def view(self, images: torch.Tensor, generator: torch.Generator | None = None,
+             sizes: torch.Tensor | None = None) -> torch.Tensor:
         """One independent random view (no flip) of uint8 images (B, 3, H, W)."""
-        return self._views(images, generator, copies=1, flip=False)[0]
+        return self._views(images, generator, copies=1, flip=False, sizes=sizes)[0]
 
     def _views(self, images: torch.Tensor, generator: torch.Generator | None, copies: int,
-               flip: bool) -> torch.Tensor:
+               flip: bool, sizes: torch.Tensor | None = None) -> torch.Tensor:
         _check_images(images)
         if generator is not None and generator.device.type != images.device.type:
             raise ValueError(f"the generator is on {generator.device} but the images are on "
                              f"{images.device}; pass torch.Generator(device=images.device)")
+        if sizes is not None and (sizes.shape != (len(images), 2)
+                                  or sizes.device != images.device):
+            raise ValueError(f"sizes must be (B, 2) on {images.device}, one (height, width) per "
+                             f"image; got {tuple(sizes.shape)} on {sizes.device}")
         batch, n, size = len(images), copies * len(images), self.image_size
         const = self._constants_for(images)
         # every random number of the batch in one draw, (copies, B, COLUMNS)
         u = torch.rand((copies, batch, COLUMNS), generator=generator, device=images.device)
         flags = u[..., FLAGS] < const["probabilities"]  # flip, translate, jitter, grayscale
-        if flip:  # one flip per image, shared by its views: the first view's draw
+        if flip and sizes is not None:  # one flip per image, shared by its views
+            images = flip_within(images, sizes[:, 1], flags[0, :, 0])
+        elif flip:  # the first view's draw
             images = torch.where(flags[0, :, 0].view(-1, 1, 1, 1), images.flip(-1), images)
         with torch.autocast(images.device.type, enabled=False):  # float32 matmuls
             if size == 32:
-                x = self._translated(images, u, flags, const)
+                x = self._translated(images, u, flags, const, sizes)
             else:
+                if sizes is not None:  # each image's boxes within its own bounds
+                    const = {**const, **image_crop_constants(sizes, self.crop_scale)}
                 x = self._cropped(images, u, const)
             if self.policy is not None:  # (N, 3, S*S) in 0..255, as uint8 values
                 # its host draws follow the generator's seed, a host value (no sync)
@@ -147,10 +161,13 @@ class BatchViews:
             return out.view(copies, batch, 3, size, size)
 
     def _translated(self, images: torch.Tensor, u: torch.Tensor, flags: torch.Tensor,
-                    const: dict[str, torch.Tensor]) -> torch.Tensor:
+                    const: dict[str, torch.Tensor], sizes: torch.Tensor | None) -> torch.Tensor:
         """32 px: (copies, B, ...) random draws -> translated views (N, 3, 1024) in 0..255."""
         copies, batch = u.shape[:2]
-        if images.shape[2:] != (32, 32):  # views.Fit: shorter side to 32, centre crop
+        if sizes is not None:  # each image's centred square to 32 x 32
+            rows, cols = image_fit_weights(sizes, images.shape[2:], 32)
+            images = (rows[:, None] @ images.float() @ cols.transpose(1, 2)[:, None]).clamp_(0, 255)
+        elif images.shape[2:] != (32, 32):  # views.Fit: shorter side to 32, centre crop
             images = (const["fit_rows"] @ images.float() @ const["fit_cols"].T).clamp_(0, 255)
         # integer shifts (dy, dx) in [-4, 4], 0 where the view is not translated: (copies, B, 2)
         shift = torch.floor(torch.addcmul(const["shift_low"], u[..., GEOMETRY:GEOMETRY + 2],
@@ -228,10 +245,20 @@ class BatchViews:
                 const["fit_rows"], const["fit_cols"] = centre_crop_weights(
                     height, width, 32, 32, images.device)
             elif self.image_size != 32:
-                const["windows"] = crop_windows(max(height, width), self.image_size,
-                                                 images.device)
+                const["windows"] = self._windows_for(max(height, width), images.device)
+            if len(self._constants) >= KEEP_SHAPES:  # canvases of the decode path: the oldest
+                del self._constants[next(iter(self._constants))]
             self._constants[key] = const
         return self._constants[key]
+
+    def _windows_for(self, side: int, device: torch.device) -> torch.Tensor:
+        """crop_windows for canvases of up to `side` px, shared by every canvas shape."""
+        key = (device, side)
+        if key not in self._windows:
+            if len(self._windows) >= KEEP_SHAPES // 2:  # 90 MB each for 288 px at 128 px
+                del self._windows[next(iter(self._windows))]
+            self._windows[key] = crop_windows(side, self.image_size, device)
+        return self._windows[key]
 
 
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
