@@ -34,7 +34,7 @@ def test_run_folder_has_everything(tmp_path):
     assert encoder.global_features(torch.randn(2, 3, 32, 32)).shape == (2, 64)
 
 
-@pytest.mark.parametrize("data_path", ["loader", "device"])
+@pytest.mark.parametrize("data_path", ["loader", "device", "sharded"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, data_path):
     pretrain(tiny(tmp_path / "straight", epochs=3, data_path=data_path))
     pretrain(tiny(tmp_path / "resumed", epochs=1, data_path=data_path))
@@ -151,7 +151,7 @@ def test_cuda_run_on_the_device_data_path(tmp_path):
                   steps_per_epoch=0))  # resumes on the device path
 
 
-@pytest.mark.parametrize("data_path, workers", [("loader", 2), ("device", 0)])
+@pytest.mark.parametrize("data_path, workers", [("loader", 2), ("device", 0), ("sharded", 0)])
 def test_stop_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch, data_path,
                                                              workers):
     """Weights and every epoch's metrics equal, with worker processes building the views."""
@@ -195,9 +195,19 @@ def test_auto_data_path_needs_in_memory_images_of_one_size(tmp_path):
         (tmp_path / "train" / label).mkdir(parents=True)
         Image.new("RGB", (40, 30)).save(tmp_path / "train" / label / "x.png")
     folder_train, _, _ = build_datasets(preset("digits", data=str(tmp_path)))
-    assert stored_size(folder_train) is None  # sizes unknown until decoded: the loader path
+    assert stored_size(folder_train) is None  # sizes unknown until decoded
+    # small images: decoded batch by batch; on a CPU, larger ones go to the loader workers
     assert choose_data_path(preset("digits", data=str(tmp_path)), folder_train,
-                            torch.device("cpu")) == "loader"
+                            torch.device("cpu")) == "decode"
+    assert choose_data_path(preset("digits", data=str(tmp_path), augment="randaugment"),
+                            folder_train, torch.device("cpu")) == "loader"
+    large = tmp_path / "large"
+    for label in ("a", "b"):
+        (large / "train" / label).mkdir(parents=True)
+        Image.new("RGB", (100, 80)).save(large / "train" / label / "x.png")
+    large_train, _, _ = build_datasets(preset("digits", data=str(large)))
+    assert choose_data_path(preset("digits", data=str(large)), large_train,
+                            torch.device("cpu")) == "loader"  # 100 px > twice 32 px
     assert choose_data_path(preset("digits", data_path="device"), digits_train,
                             torch.device("cpu")) == "device"
 

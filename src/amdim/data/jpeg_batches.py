@@ -31,14 +31,19 @@ from .image_files import DataError, to_rgb
 log = logging.getLogger("amdim")
 JPEG_START = b"\xff\xd8"
 CANVAS_STEP = 32  # canvas sides round up to a multiple: few distinct shapes to set up views for
-# torchvision 0.29 deprecates its image codecs in favour of TorchCodec, which has no batched
-# GPU JPEG decoder for lists of images yet; decode_jpeg is still the one that does
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities",
-                        category=DeprecationWarning)
+
+
+def _decode_jpeg(data, device: torch.device):
+    """torchvision's decode_jpeg in RGB. torchvision 0.29 deprecates its image codecs for
+    TorchCodec, whose batched GPU decoding of a list of images is not there yet: its warning,
+    once a batch, is silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(to_rgb(image))).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1).contiguous()
 
 
 class RawImages(Dataset):
@@ -84,8 +89,7 @@ def decode_batch(items: list[torch.Tensor], device: torch.device,
     jpegs = [i for i, data in enumerate(items) if data.dim() == 1]
     images = list(items)
     try:
-        decoded = decode_jpeg([items[i] for i in jpegs], mode=ImageReadMode.RGB,
-                              device=device) if jpegs else []
+        decoded = _decode_jpeg([items[i] for i in jpegs], device) if jpegs else []
     except RuntimeError:  # one image in the batch: find which, one by one
         decoded = [_decode_one(items[i], device) for i in jpegs]
     for i, image in zip(jpegs, decoded):
@@ -104,7 +108,7 @@ def decode_batch(items: list[torch.Tensor], device: torch.device,
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor:
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return _decode_jpeg(data, device)
     except RuntimeError:
         try:
             with Image.open(io.BytesIO(data.numpy().tobytes())) as image:

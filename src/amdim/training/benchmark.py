@@ -4,9 +4,11 @@ Measures, for a preset (any field overridable by the flags below):
 - the training step alone on synthetic inputs, as `amdim pretrain` takes it (model.AMDIM:
   encoder forward on each view, multiscale NCE, online probes; backward; Adam step, fused on
   CUDA);
-- with --data NPZ, the same step fed end to end by the device-resident data path
-  (data.batches.TrainBatches: the dataset decoded once onto the device, views built there),
-  and the view building alone;
+- with --data, the data path alone (finished view pairs per second as the training loop
+  receives them; per loader worker on the loader path) and the same step fed by it end to
+  end, on the path amdim pretrain takes (device: decoded once onto the device, views built
+  there; decode: each batch's JPEG bytes decoded on the device; loader: PIL workers), with
+  its workers and compute threads;
 - peak device memory, FLOP per image (FlopCounterMode on one forward + backward, divided by
   the batch size) and MFU = achieved FLOP/s / peak FLOP/s.
 An "image" is one source image, i.e. two views. benchmarks/README.md explains every field.
@@ -29,12 +31,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import PRESETS, PretrainConfig, finite_float, preset
 from ..data.batches import TrainBatches
-from ..data.datasets import normalisation
-from ..data.device_images import load_npz
+from ..data.datasets import resolved_data
 from ..data.image_files import DataError
 from ..model.amdim import AMDIM
 from ..runtime import check_output, native_bf16, resolve_device, resolve_runtime
-from ..views.batch_views import BatchViews
+from .inputs import build_datasets, choose_data_path, make_batches
 from .step import TrainingStep, configure_device
 
 # bf16 dense tensor-core peaks (FLOP/s, no sparsity) from the vendor's data sheets, by a part
@@ -122,8 +123,9 @@ def benchmark(cfg: PretrainConfig, device: torch.device, steps: int = 20, warmup
         "train_step_ms": 1e3 * step_s, "train_images_per_s": batch / step_s,
         "flop_per_image": flop_per_image, "achieved_flop_per_s": flop_per_image * batch / step_s,
         "peak_flop_per_s": peak_flops, "mfu": None,
-        "data": data, "n_images": None, "decode_s": None, "cache_bytes": None,
-        "augment_images_per_s": None, "end_to_end_step_ms": None,
+        "data": data, "data_path": None, "loader_workers": None, "end_to_end_threads": None,
+        "n_images": None, "decode_s": None, "cache_bytes": None,
+        "augment_images_per_s": None, "per_worker_images_per_s": None, "end_to_end_step_ms": None,
         "end_to_end_images_per_s": None, "mfu_end_to_end": None,
         "peak_memory_bytes": None,
     }
@@ -142,29 +144,44 @@ def benchmark(cfg: PretrainConfig, device: torch.device, steps: int = 20, warmup
 
 def _end_to_end(cfg: PretrainConfig, step: TrainingStep, device: torch.device, data: str,
                 steps: int, warmup: int) -> dict:
+    """The data path alone (batches of finished view pairs as the training loop receives them)
+    and the step fed by it, on the path `amdim pretrain` takes for `data` (cfg.data_path,
+    auto resolved), with its loader workers and compute threads."""
+    cfg = replace(cfg, data=resolved_data(data))
+    train_set = build_datasets(cfg)[0]
+    path = choose_data_path(cfg, train_set, device)
+    # the workers and threads pretraining would use on this path (resolve_runtime)
+    run = resolve_runtime(replace(cfg, data_path=path, threads=0, workers=-1), device, path)
     start = time.perf_counter()
-    cache = load_npz(data, device)
+    batches, _ = make_batches(run, path, train_set, None, device, 0, 1)
     _synchronise(device)
-    decode_s = time.perf_counter() - start
-    views = BatchViews(cfg.image_size, *normalisation(cfg.data),  # as make_batches builds them
-                       channels_last=cfg.channels_last, augment=cfg.augment, seed=cfg.seed)
-    batches = TrainBatches(cache, views, cfg.batch_size, seed=cfg.seed)
-    height, width = cache.images.shape[2:]
-    log.info("%s: %d images of %dx%d px decoded onto %s in %.1f s", data, len(cache), width,
-             height, device, decode_s)
-    if min(height, width) < cfg.image_size:
+    setup_s = time.perf_counter() - start
+    cache = getattr(batches, "cache", None)
+    log.info("%s: %d images on the %s data path (%d loader workers, %d compute threads), set "
+             "up in %.1f s", data, len(train_set), path, run.workers, run.threads, setup_s)
+    if cache is not None and min(cache.images.shape[2:]) < cfg.image_size:
         log.warning("%s holds %dx%d px images, smaller than the preset's %d px: views will be "
-                    "upscaled", data, width, height, cfg.image_size)
-    stream = _endless(batches)
-    augment_s = _timed(lambda: next(stream), steps, warmup, device)
+                    "upscaled", data, cache.images.shape[3], cache.images.shape[2],
+                    cfg.image_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(run.threads)
+    try:
+        stream = _endless(batches)
+        data_s = _timed(lambda: next(stream), steps, warmup, device)
 
-    def end_to_end_step():
-        (view1, view2), labels = next(stream)
-        step(view1, view2, labels.clamp(max=N_CLASSES - 1), cfg.lr)  # probes: N_CLASSES outputs
+        def end_to_end_step():
+            (view1, view2), labels = next(stream)
+            step(view1, view2, labels.clamp(max=N_CLASSES - 1), cfg.lr)  # probes: N_CLASSES
 
-    step_s = _timed(end_to_end_step, steps, warmup, device)
-    return {"n_images": len(cache), "decode_s": decode_s, "cache_bytes": cache.nbytes,
-            "augment_images_per_s": cfg.batch_size / augment_s,
+        step_s = _timed(end_to_end_step, steps, warmup, device)
+    finally:
+        torch.set_num_threads(threads)
+    return {"data_path": path, "loader_workers": run.workers, "end_to_end_threads": run.threads,
+            "n_images": len(train_set), "decode_s": setup_s,
+            "cache_bytes": cache.nbytes if cache is not None else None,
+            "augment_images_per_s": cfg.batch_size / data_s,
+            "per_worker_images_per_s": (cfg.batch_size / data_s / run.workers
+                                        if run.workers else None),
             "end_to_end_step_ms": 1e3 * step_s,
             "end_to_end_images_per_s": cfg.batch_size / step_s}
 
@@ -180,7 +197,7 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     overrides = {"seed": args.seed, "device": str(device)}
     for name in ("batch_size", "precision", "channels_last", "threads", "n_rkhs", "ndf",
-                 "n_depth", "backbone", "image_size"):
+                 "n_depth", "backbone", "image_size", "data_path", "augment"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     # what `amdim pretrain` would run here: its precision, memory format and threads
@@ -279,8 +296,15 @@ def register(subparsers) -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels-last memory format for the model and its inputs "
                              "(default: on, as amdim pretrain)")
-    parser.add_argument("--data", metavar="NPZ",
-                        help="also time end to end on this .npz dataset, held on the device")
+    parser.add_argument("--data", metavar="DATA",
+                        help="also time the data path alone and end to end on this data (a "
+                             ".npz file, an image folder, an amdim prepare store, a dataset "
+                             "name), on the path amdim pretrain takes for it")
+    parser.add_argument("--data-path", choices=("auto", "device", "sharded", "decode", "loader"),
+                        help="the data path to time with --data (default: auto, as pretrain)")
+    parser.add_argument("--augment", choices=("paper", "imagenet-faa", "randaugment",
+                                              "trivialaugment"),
+                        help="the views (default: the preset's)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     parser.add_argument("--peak-flops", type=finite_float,
                         help="peak FLOP/s for MFU (default on CUDA: the bf16 dense peak of "
