@@ -12,7 +12,8 @@ import signal
 import sys
 
 # command modules, in the order `amdim --help` lists them
-COMMANDS = ("amdim.training.pretrain_command", "amdim.evaluation.evaluate",
+COMMANDS = ("amdim.data.prepare",
+            "amdim.training.pretrain_command", "amdim.evaluation.evaluate",
             "amdim.evaluation.extract", "amdim.training.export", "amdim.evaluation.plots",
             "amdim.evaluation.segment", "amdim.training.benchmark")
 

@@ -8,9 +8,11 @@ Image folders are checked when they are built: every file is decoded once (cheap
 images.problem), so a truncated or non-image file is skipped with a warning and listed in the
 dataset's `skipped` (`skipped_files(dataset)`), or, with strict, stops the run with a DataError
 before it starts. Folder layouts that cannot work raise a DataError saying what to change.
+A store that `amdim prepare` made of a folder (data.store) stands in for it wherever it goes.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import urllib.error
@@ -27,6 +29,7 @@ from torchvision import datasets
 
 from .device_images import load_npz, npz_first_image
 from .image_files import IMAGE_EXTENSIONS, DataError, ImageClasses, ImageFiles, check_labels
+from .store import ImageStore, is_store, store_info
 
 log = logging.getLogger("amdim")
 
@@ -62,6 +65,9 @@ def stored_image_size(data: str, data_root: str = "data") -> int | None:
     try:
         if path.suffix.lower() == ".npz":
             return max(npz_first_image(path).size)
+        store = _store_of(path)
+        if store is not None:  # (height, width), or per view (K, 2): the largest side
+            return int(np.max(np.load(store / "sizes.npy", mmap_mode="r")[0]))
         for parent, dirs, names in os.walk(path, followlinks=True):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(names):
@@ -73,9 +79,21 @@ def stored_image_size(data: str, data_root: str = "data") -> int | None:
     return None
 
 
+def _store_of(path: Path) -> Path | None:
+    """The store (amdim prepare) that --data `path` names first: itself, or its train/."""
+    return next((p for p in (path, path / "train") if is_store(p)), None)
+
+
 def dataset_name(data: str) -> str:
     """The dataset a --data value holds: a name as is; a folder named cifar10, or
-    cifar10_jpeg_train.npz, counts as cifar10; other paths by their last component."""
+    cifar10_jpeg_train.npz, counts as cifar10; a store (amdim prepare) by the folder it was
+    made from; other paths by their last component."""
+    store = None if data.lower() in KNOWN else _store_of(Path(data))
+    if store is not None:
+        try:
+            return json.loads((store / "store.json").read_text())["dataset"]
+        except (OSError, ValueError, KeyError):  # an unfinished store: reading it says why
+            pass
     name = Path(data).name.lower()
     return name.split("_")[0] if name.endswith(".npz") else name
 
@@ -141,6 +159,17 @@ def _torchvision(name: str, root: str, split: str, download: bool, transform: Ca
 
 def _folder_split(root: Path, names: tuple[str, ...]) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def _split_images(folder: Path, transform: Callable, strict: bool) -> Dataset:
+    """A split's labelled images: a store (amdim prepare) of one, or its class folders."""
+    if not is_store(folder):
+        return ImageClasses(folder, transform, strict)
+    images = ImageStore(folder, transform, strict)
+    if images.paired:
+        raise DataError(f"{folder} is a store of paired views ({', '.join(images.names)}); "
+                        "train on it with --views paired")
+    return images
 
 
 def _npz_images(path: Path, transform: Callable, strict: bool = False) -> ArrayImages:
@@ -267,12 +296,15 @@ def pretraining_datasets(cfg, views: Callable, test_transform: Callable
         test = _npz_images(test_path, test_transform, cfg.strict_data) if test_path else None
         return train, test, check_splits(train, test, cfg.data)
     root = _existing_folder(cfg.data)
+    if is_store(root):  # one store: labelled where made from class folders, no test split
+        train = _split_images(root, views, cfg.strict_data)
+        return train, None, check_splits(train, None, cfg.data)
     train_dir = _folder_split(root, ("train",))
     if train_dir is None:  # a plain folder of images: unlabelled pretraining, no probes
         return ImageFiles(root, views, cfg.strict_data), None, 0
-    train = ImageClasses(train_dir, views, cfg.strict_data)
+    train = _split_images(train_dir, views, cfg.strict_data)
     test_dir = _folder_split(root, ("val", "test"))
-    test = ImageClasses(test_dir, test_transform, cfg.strict_data) if test_dir else None
+    test = _split_images(test_dir, test_transform, cfg.strict_data) if test_dir else None
     return train, test, check_splits(train, test, str(train_dir))
 
 
@@ -283,7 +315,8 @@ def labelled_split(data: str, split: str, transform: Callable, data_root: str = 
     data: digits, cifar10, cifar100, stl10 (its 5,000 labelled training images, not the
     unlabelled split), an NAME_train.npz file (beside NAME_test.npz or NAME_val.npz), or a
     folder holding train/<class>/ and val/<class>/ (or test/<class>/),
-    whose unreadable files are skipped (strict: raise DataError).
+    whose unreadable files are skipped (strict: raise DataError), or the stores `amdim
+    prepare` made of one (OUT/train and OUT/val; a store of class folders alone: "train" only).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -303,17 +336,29 @@ def labelled_split(data: str, split: str, transform: Callable, data_root: str = 
             check_test_split(classes, test, data)
         return test
     root = _existing_folder(data)
+    if is_store(root):  # one store (of class folders): a training split alone
+        if split == "test":
+            raise DataError(f"{root} is one image store, without a test split; prepare a folder "
+                            "with train/ and val/ (amdim prepare SRC OUT gives OUT/train and "
+                            "OUT/val) and pass OUT")
+        images = _split_images(root, transform, strict)
+        if not hasattr(images, "classes"):
+            raise DataError(f"the image store {root} has no labels (it was made from a plain "
+                            "folder); labelled evaluation needs one made from class folders")
+        return images
     names = ("train",) if split == "train" else ("val", "test")
     folder = _folder_split(root, names)
     if folder is None:
         raise DataError(f"{root} has no {' or '.join(n + '/' for n in names)} subfolder; labelled "
                         f"evaluation needs {root}/train/<class>/ and {root}/val/<class>/ (or test/)")
-    images = ImageClasses(folder, transform, strict)
-    if split == "test":  # the training split's class folders, listed (not checked)
+    images = _split_images(folder, transform, strict)
+    if split == "test":  # the training split's classes: its store's, or its folders listed
         train = root / "train"
-        check_test_split(sorted(p.name for p in train.iterdir()
-                                if p.is_dir() and not p.name.startswith("."))
-                         if train.is_dir() else images.classes, images, str(train))
+        classes = (store_info(train)["classes"] if is_store(train)
+                   else sorted(p.name for p in train.iterdir()
+                               if p.is_dir() and not p.name.startswith("."))
+                   if train.is_dir() else class_names(images))
+        check_test_split(classes, images, str(train))
     return images
 
 

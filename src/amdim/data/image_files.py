@@ -22,6 +22,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 DEEP_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535,
               "I": 65535,  # Pillow opens 16-bit PGM (and some TIFF) as 32-bit "I"
               "F": 1.0}  # float TIFFs: taken as [0, 1]
+GREY_MODES = ("1", "L", "LA", "La", *DEEP_MODES)  # PIL modes of greyscale images
 WHITE = (255, 255, 255)
 WARN_FILES = 10  # unreadable files named one by one at build time; the rest in one line
 MAX_SUBSTITUTES = 10  # unreadable files in a row before a run stops: the folder itself is gone

@@ -25,8 +25,10 @@ from torch.utils.data import Dataset
 
 from .datasets import (_npz_split, check_splits, check_test_split, class_names, dataset_labels,
                        labelled_split, npz_classes)
-from .image_files import (DEEP_MODES, DataError, _CheckedFiles, check_labels, drop_unreadable,
+# GREY_MODES: the PIL modes read as a 1-channel view
+from .image_files import (GREY_MODES, DataError, _CheckedFiles, check_labels, drop_unreadable,
                           image_files, skipped_files, to_rgb)
+from .store import ImageStore, is_store, store_info
 
 log = logging.getLogger("amdim")
 RESERVED = ("all",)  # "all" names the concatenation of every view's feature
@@ -42,9 +44,6 @@ def _check_names(names, where: str) -> None:
         if not name or "." in name or name in RESERVED:
             raise DataError(f"{where}: view name {name!r} cannot be used (names must be "
                             f"non-empty, without '.', and not {', '.join(RESERVED)})")
-
-
-GREY_MODES = ("1", "L", "LA", "La", *DEEP_MODES)  # PIL modes read as a 1-channel view
 
 
 def view_pixels(image: Image.Image, channels: int) -> np.ndarray:
@@ -276,17 +275,31 @@ def _train_classes(cfg) -> list[str] | None:
     path = Path(cfg.data)
     if path.suffix.lower() == ".npz":
         return npz_classes(path)
+    if is_store(path / "train"):
+        return store_info(path / "train")["classes"]
     views = [p for p in (path / "train").iterdir() if p.is_dir() and not p.name.startswith(".")]
     names = [{c.name for c in view.iterdir() if c.is_dir() and not c.name.startswith(".")}
              for view in views]
     return sorted(set.intersection(*names)) if names else None
 
 
+def _paired(folder: Path, strict: bool) -> Dataset:
+    """A split's contexts: a paired store (amdim prepare --paired), or the view folders."""
+    if not is_store(folder):
+        return PairedFolder(folder, strict)
+    store = ImageStore(folder, strict=strict)
+    if not store.paired:
+        raise DataError(f"{folder} is a store of single images, not of views; make one of the "
+                        "view folders with amdim prepare --paired")
+    return store
+
+
 def view_source(cfg, split: str) -> Dataset | None:
     """The contexts of a split ("train" or "test") for a PretrainConfig with views lab or
     paired; None where the data has no such split. Test splits: NAME_test.npz (or _val)
-    beside NAME_train.npz; <root>/test/<view>/... beside <root>/train/<view>/...; a test split
-    whose classes are not the training split's is refused (datasets.check_test_split)."""
+    beside NAME_train.npz; <root>/test/<view>/... beside <root>/train/<view>/...; any of
+    these folders may be a paired store (amdim prepare --paired); a test split whose classes
+    are not the training split's is refused (datasets.check_test_split)."""
     if cfg.views == "lab":
         try:
             return RGBImages(cfg.data, split, cfg.data_root, cfg.download, cfg.strict_data)
@@ -300,9 +313,9 @@ def view_source(cfg, split: str) -> Dataset | None:
         source = PairedArrays(found) if found else None
     elif (path / "train").is_dir():
         folder = path / split
-        source = PairedFolder(folder, cfg.strict_data) if folder.is_dir() else None
+        source = _paired(folder, cfg.strict_data) if folder.is_dir() else None
     else:
-        source = PairedFolder(path, cfg.strict_data) if split == "train" else None
+        source = _paired(path, cfg.strict_data) if split == "train" else None
     if split == "test" and source is not None:
         classes = _train_classes(cfg)
         if classes is not None:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ..data.datasets import KNOWN_SIZES, STATS, class_names, labelled_split, normalisation
 from ..data.image_files import DataError, ImageFiles
+from ..data.store import ImageStore, is_store
 from ..model.encoder import Encoder
 from ..model.frozen_features import encode, encode_batch, extract_features, frozen, in_order
 from ..runtime import check_output, file_tag, resolve_device
@@ -139,7 +140,10 @@ def extract(path: str, data: str | None = None, split: str = "test", out: str | 
     transform = evaluation_transform(encoder.cfg.image_size,
                                      *normalisation(data))
     root = Path(data) if Path(data).is_dir() else None
-    if root is not None and not (root / "train").is_dir():
+    if root is not None and is_store(root):  # one store (amdim prepare): all of its images
+        dataset = ImageStore(root, transform)
+        classes = getattr(dataset, "classes", [])
+    elif root is not None and not (root / "train").is_dir():
         dataset, classes = ImageFiles(root, transform), []  # a plain folder: no labels
     else:
         dataset = labelled_split(data, split, transform, data_root)
