@@ -68,8 +68,9 @@ STEPS = (  # most valuable first
     Step("compiled-cifar-paper", "compiled step and end to end on CIFAR-10, compile apart",
          360, 150, 200, CIFAR[:1]),
     Step("compiled-imagenet-small", "compiled step, compile apart", 360, 150, 200),
-    Step("folder-imagenet-small", "imagenet-small end to end from an image folder through "
-         "the loader path, 16 workers", 180, 90, 120, IMAGENETTE[1:]),
+    Step("input-imagenet-small", "imagenet-small end to end from ImageNet-sized JPEGs: "
+         "decoded on the GPU (folder, store) against PIL loader workers (8: the CUDA default)",
+         240, 150, 180),
     Step("mixture-imagenette", "a K=4 mixture run on Imagenette, then its maps and coherence",
          420, 240, 330, IMAGENETTE),
 )
@@ -82,6 +83,8 @@ TARGETS = {
         "compiled-cifar-small", "results.end_to_end_images_per_s", 25000),
     "imagenet-small step, bf16 compiled, images/s": (
         "compiled-imagenet-small", "results.train_images_per_s", 2500),
+    "imagenet-small end to end from a store, decoded on the GPU, fraction of its step": (
+        "input-imagenet-small", "fraction_of_step.decode-store", 0.9),
     "CIFAR-10 linear accuracy after cifar-small training (4 minutes asked)": (
         "cifar-run", "evaluation.linear_top1", 0.80),
 }
@@ -403,20 +406,28 @@ class Check:
                                            "test_mlp_acc")} for m in metrics],
                 "metrics": metrics}
 
-    def step_folder_imagenet_small(self) -> dict:
-        folder = self.scratch / "imagenette-folder"  # no train/: unlabelled, no probes
-        count = _write_image_folder(self._npz(IMAGENETTE[1]), folder)
-        run = self.scratch / "folder-imagenet-small"
-        # epochs of 8 steps until the time limit: images/s of each whole epoch in the metrics
-        pretrain = self.amdim(
-            "pretrain", *self._model("imagenet-small"), *([] if self.smoke else ["--epochs",
-                                                                                "100"]),
-            "--data", str(folder), "--data-path", "loader", "--workers",
-            "1" if self.smoke else "16", "--precision", "bf16", "--no-compile",
-            "--no-final-probe", "--device", self.device, "--run-dir", str(run),
-            "--time-limit", f"{(self.step_left - 40) / 60:.2f}", timeout=self.step_left)
-        return {"images": count, "pretrain": pretrain,
-                "metrics": _read_lines(run / "metrics.jsonl")}
+    def step_input_imagenet_small(self) -> dict:
+        corpus, store = self.scratch / "jpeg-corpus", self.scratch / "jpeg-store"
+        images = "64" if self.smoke else "3000"
+        made = self.command([sys.executable, str(ROOT / "benchmarks" / "jpeg_corpus.py"),
+                             str(corpus), "--images", images], self.step_left)
+        prepare = self.amdim("prepare", str(corpus), str(store), timeout=self.step_left)
+        found = {"corpus": made, "prepare": prepare}
+        model = ["--preset", "digits", "--batch-size", "16", "--steps", "2", "--warmup", "1"] \
+            if self.smoke else ["--preset", "imagenet-small", "--steps", "20", "--warmup", "3"]
+        for name, data, path in (("decode-store", store, "decode"),
+                                 ("decode-folder", corpus, "decode"),
+                                 ("loader-folder", corpus, "loader")):
+            out = self.scratch / f"input-{name}.json"
+            found[name] = self.amdim(
+                "benchmark", *model, "--data", str(data / "train"), "--data-path", path,
+                "--precision", "bf16", "--no-compile", "--device", self.device, "--out",
+                str(out), timeout=self.step_left)
+            found[name + "-results"] = results = _read(out)
+            if results:
+                found.setdefault("fraction_of_step", {})[name] = (
+                    results["end_to_end_images_per_s"] / results["train_images_per_s"])
+        return found
 
     def step_mixture_imagenette(self) -> dict:
         run = self.scratch / "mixture-k4"
@@ -509,20 +520,6 @@ def _tiny_npz(folder: Path, name: str) -> Path:
              classes=np.array([str(c) for c in range(10)]),
              filenames=np.array([f"{i}.jpg" for i in range(len(blobs))]))
     return path
-
-
-def _write_image_folder(npz: Path, dest: Path) -> int:
-    """DEST/<class>/<file>.jpg from a shared .npz, the JPEG bytes unchanged."""
-    import numpy as np
-
-    d = np.load(npz)
-    jpeg, offsets, labels, classes = d["jpeg"], d["offsets"], d["labels"], d["classes"]
-    for c in classes:
-        (dest / str(c)).mkdir(parents=True, exist_ok=True)
-    for i, label in enumerate(labels):
-        (dest / str(classes[label]) / f"{i:06d}.jpg").write_bytes(
-            jpeg[offsets[i]:offsets[i + 1]].tobytes())
-    return len(labels)
 
 
 def _commit() -> str:
