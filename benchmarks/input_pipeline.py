@@ -132,7 +132,7 @@ def short_side() -> None:
                 .replace(")", "")
             argv = [*AMDIM, "pretrain", "--preset", "imagenette-cpu", "--data", data,
                     "--epochs", EPOCHS, "--lr-milestones", EPOCHS - 1, "--data-path", "decode",
-                    "--threads", "1", "--run-dir", run_dir]
+                    "--threads", "1", "--final-probe", "--run-dir", run_dir]
             print("$", command_line(argv, str(core)), flush=True)
             procs.append((name, argv, run_dir, core, subprocess.Popen(
                 ["taskset", "-c", str(core)] + [str(a) for a in argv],

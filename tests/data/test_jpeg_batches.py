@@ -189,3 +189,20 @@ def test_a_run_on_the_decode_path_resumes_exactly(folder):
     a, b = (checkpoint.load(root / r / "checkpoint.pt") for r in ("straight", "resumed"))
     assert a["data_path"] == b["data_path"] == "decode"  # auto: small images, on a CPU
     assert all(torch.equal(a["encoder"][k], b["encoder"][k]) for k in a["encoder"])
+
+
+@pytest.mark.gpu
+def test_the_gpu_decodes_a_batch_as_the_cpu_does(folder):
+    from amdim.views.batch_views import BatchViews
+
+    dataset = ImageClasses(folder, transform=None)
+    items = [RawImages(dataset)[i][0] for i in range(len(dataset))]
+    cpu, cpu_sizes = decode_batch(items, CPU)
+    gpu, gpu_sizes = decode_batch(items, torch.device("cuda"))
+    assert torch.equal(cpu_sizes, gpu_sizes.cpu())
+    # nvJPEG and libjpeg-turbo may differ by a few grey levels (IDCT, chroma upsampling)
+    assert (cpu.float() - gpu.cpu().float()).abs().mean() < 2
+    views = BatchViews(64, (0.5,) * 3, (0.25,) * 3, channels_last=True)
+    batches = DecodedBatches(dataset, views, 6, torch.device("cuda"), workers=2)
+    (view1, view2), labels = next(iter(batches))
+    assert view1.is_cuda and labels.is_cuda and view1.shape == (6, 3, 64, 64)

@@ -100,10 +100,15 @@ def decode_batch(items: list[torch.Tensor], device: torch.device,
     out = torch.zeros((len(images), 3, *canvas), dtype=torch.uint8, device=device)
     for i, image in enumerate(images):
         out[i, :, :image.shape[1], :image.shape[2]] = image  # host pixels: copied here
-    sizes = torch.tensor(sizes, dtype=torch.int64)
-    if device.type == "cuda":  # without waiting for the queued kernels
-        sizes = sizes.pin_memory()
-    return out, sizes.to(device, non_blocking=True)
+    return out, _to_device(torch.tensor(sizes, dtype=torch.int64), device)
+
+
+def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for its queued kernels: a copy from pageable
+    memory would synchronise the stream first; from pinned memory it is queued."""
+    if device.type == "cuda":
+        values = values.pin_memory()
+    return values.to(device, non_blocking=True)
 
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -160,4 +165,4 @@ class DecodedBatches:
             self.generator.manual_seed(derive_seed(self.seed, epoch, k, self.rank))
             views = self.views(images, self.generator, sizes=sizes)
             self.set_epoch(epoch, k + 1)  # so that iterating again goes on after this batch
-            yield views, labels.to(self.device, non_blocking=True)
+            yield views, _to_device(labels, self.device)

@@ -121,8 +121,10 @@ def crop_constants(height: int, width: int, scale: Sequence[float] = CROP_SCALE,
 def image_crop_constants(sizes: torch.Tensor, scale: Sequence[float] = CROP_SCALE,
                          ratio: Sequence[float] = CROP_RATIO) -> dict[str, torch.Tensor]:
     """crop_constants for a batch of images of their own sizes, sizes (B, 2) (height, width)
-    on the images' device: the same tensors with a leading batch dimension, so crop_boxes
-    draws each image's box within its own bounds (images of a padded canvas, top left)."""
+    on the images' device: the same tensors with a leading batch dimension (but "signs", the
+    same for all: take crop_constants'), so crop_boxes draws each image's box within its own
+    bounds (images of a padded canvas, top left). Made on the device from sizes alone: no
+    host copy, no sync."""
     hw = sizes.float()
     area, aspect = hw[:, 0] * hw[:, 1], hw[:, 1] / hw[:, 0]
     low, high = min(ratio), max(ratio)
@@ -134,7 +136,6 @@ def image_crop_constants(sizes: torch.Tensor, scale: Sequence[float] = CROP_SCAL
     span = torch.full_like(area, math.log(high) - math.log(low))
     return {"try_low": torch.stack([area * scale[0], log_ratio], 1)[..., None],
             "try_span": torch.stack([area * (scale[1] - scale[0]), span], 1)[..., None],
-            "signs": torch.tensor([[-1.0], [1.0]], device=sizes.device),
             "limits": hw[..., None], "limits_plus_one": hw + 1,
             "fallback_size": fallback, "fallback_start": torch.floor((hw - fallback) / 2)}
 
