@@ -200,12 +200,12 @@ def test_distributed_model_compiles_whole_and_never_syncs(tmp_path):
         assert not {op for op in backward if "gather" in op or "scatter" in op}
 
 
-def torchrun(run_dir, epochs):
+def torchrun(run_dir, epochs, *extra):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-port", str(free_port()), "-m", "amdim", "pretrain", "--ndf", "8",
                "--n-rkhs", "64", "--n-depth", "1", "--batch-size", "16", "--steps-per-epoch",
                "2", "--epochs", str(epochs), "--workers", "0", "--no-final-probe", "--device",
-               "cpu", "--run-dir", str(run_dir)]
+               "cpu", "--run-dir", str(run_dir), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -221,6 +221,17 @@ def test_torchrun_trains_and_resumes(tmp_path):
     assert "resuming" in done.stderr
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]  # rank 0 alone writes
+
+
+def test_sharded_data_trains_on_each_rank_and_resumes_exactly(tmp_path):
+    """--data-path sharded: each of the 2 ranks caches half the images; a run stopped after
+    an epoch and resumed ends with the weights of the run never stopped."""
+    torchrun(tmp_path / "straight", 2, "--data-path", "sharded")
+    torchrun(tmp_path / "resumed", 1, "--data-path", "sharded")
+    torchrun(tmp_path / "resumed", 2, "--data-path", "sharded")
+    a, b = (checkpoint.load(tmp_path / run / "checkpoint.pt") for run in ("straight", "resumed"))
+    assert a["data_path"] == b["data_path"] == "sharded" and a["step"] == b["step"] == 4
+    assert all(torch.equal(a["encoder"][k], b["encoder"][k]) for k in a["encoder"])
 
 
 def test_only_plain_batch_norms_are_synchronised():
