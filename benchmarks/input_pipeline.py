@@ -8,7 +8,7 @@ part rewrites its own section, with the commands it ran).
 
 rates: an ImageNet-sized corpus (benchmarks/jpeg_corpus.py, 2,000 images) as a folder and as
 an `amdim prepare` store; `amdim benchmark --data-path loader|decode` pinned to one core
-(`taskset -c 0`: no loader workers, the views built in the process), the paper's 128 px views.
+(`taskset -c CORE`: no loader workers, the views built in the process), the paper's 128 px views.
 imagenette: Imagenette-128 as an image folder (../shared/data/to_imagefolder.py), the
 imagenette-cpu preset (64 px) on both cores: the step alone, then end to end on the path auto
 chooses and on the loader path.
@@ -80,14 +80,14 @@ def corpus_and_store() -> tuple[Path, Path, dict]:
     return corpus, store, summary
 
 
-def rates() -> None:
+def rates(core: str) -> None:
     corpus, store, summary = corpus_and_store()
     found = {"corpus": summary, "views": "paper, 128 px, batches of 64, one core"}
     for name, data, path in (("folder, loader path (before)", corpus, "loader"),
                              ("store, loader path", store, "loader"),
                              ("store, decode path", store, "decode"),
                              ("folder, decode path", corpus, "decode")):
-        found[name] = benchmark(data / "train", path, "0", "--image-size", "128",
+        found[name] = benchmark(data / "train", path, core, "--image-size", "128",
                                 "--batch-size", "64")
         save("rates", found)
     before = found["folder, loader path (before)"]["augment_images_per_s"]
@@ -152,9 +152,13 @@ def short_side() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=("rates", "imagenette", "short-side"))
+    parser.add_argument("--core", default="0", help="the core rates are measured on")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    {"rates": rates, "imagenette": imagenette, "short-side": short_side}[args.part]()
+    if args.part == "rates":
+        rates(args.core)
+    else:
+        {"imagenette": imagenette, "short-side": short_side}[args.part]()
 
 
 if __name__ == "__main__":
