@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from amdim.cli import main
@@ -272,3 +273,22 @@ def test_prepare_command_and_pretrain_on_its_store(tmp_path, capsys):
           "--out", str(tmp_path / "eval.json")])
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["n_train"] == 16 and report["n_test"] == 12
+
+
+def test_a_store_of_one_image_size_takes_the_device_path(tmp_path):
+    from amdim.data.device_images import cache_dataset, stored_size
+    from amdim.training.inputs import choose_data_path
+
+    for i in range(4):
+        save(tmp_path / "same" / "a" / f"{i}.jpg", (40, 40), seed=i)
+    save(tmp_path / "mixed" / "a" / "0.jpg", (40, 40))
+    save(tmp_path / "mixed" / "a" / "1.jpg", (40, 60))
+    [same] = prepare(tmp_path / "same", tmp_path / "same-store", workers=1)
+    [mixed] = prepare(tmp_path / "mixed", tmp_path / "mixed-store", workers=1)
+    same_store, mixed_store = ImageStore(same), ImageStore(mixed)
+    assert stored_size(same_store) == (40, 40) and stored_size(mixed_store) is None
+    cfg = preset("digits", data=str(same))
+    assert choose_data_path(cfg, same_store, torch.device("cpu")) == "device"  # decoded once
+    assert choose_data_path(cfg, mixed_store, torch.device("cpu")) == "decode"
+    cache = cache_dataset(same_store)
+    assert cache.images.shape == (4, 3, 40, 40) and cache.labels.tolist() == [0] * 4

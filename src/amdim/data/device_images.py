@@ -96,7 +96,11 @@ def fits_in_memory(n_images: int, image_size: int, device: torch.device | str, *
 
 def stored_size(dataset: Dataset) -> tuple[int, int] | None:
     """(height, width) shared by every image of an in-memory set (digits, .npz, torchvision's
-    CIFAR and STL-10), or None (image folders: sizes unknown until decoded)."""
+    CIFAR and STL-10) or of a store (data.store: its sizes, known without decoding), or None
+    (images of several sizes; image folders: sizes unknown until decoded)."""
+    sizes = getattr(dataset, "sizes", None)
+    if isinstance(sizes, np.ndarray) and sizes.ndim == 2 and len(sizes):
+        return tuple(int(v) for v in sizes[0]) if (sizes == sizes[0]).all() else None
     pixels = getattr(dataset, "images", getattr(dataset, "data", None))
     if not isinstance(pixels, np.ndarray) or pixels.ndim != 4:
         return None
