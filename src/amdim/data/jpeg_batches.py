@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import io
-import logging
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,7 +27,6 @@ from .batch_order import derive_seed
 from .batches import EpochBatches, SeededBatches, leave_stops_to_the_main_process
 from .image_files import DataError, to_rgb
 
-log = logging.getLogger("amdim")
 JPEG_START = b"\xff\xd8"
 CANVAS_STEP = 32  # canvas sides round up to a multiple: few distinct shapes to set up views for
 
