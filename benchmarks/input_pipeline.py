@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results" / "cpu-input-pipeline.json"
@@ -56,9 +58,9 @@ def save(section: str, value) -> None:
     print(f"wrote {RESULTS} [{section}]")
 
 
-def benchmark(data: Path, path: str, cores: str | None, *extra: str) -> dict:
+def benchmark(data: Path, path: str, cores: str | None, *extra: str, steps: int = 10) -> dict:
     argv = [*AMDIM, "benchmark", "--preset", "imagenette-cpu", "--data", data, "--data-path",
-            path, "--steps", "10", "--warmup", "2", *extra]
+            path, "--steps", steps, "--warmup", "3", *extra]
     out, _ = run(argv, cores)
     results = json.loads(out)
     keep = ("data_path", "loader_workers", "end_to_end_threads", "image_size", "batch_size",
@@ -68,16 +70,25 @@ def benchmark(data: Path, path: str, cores: str | None, *extra: str) -> dict:
 
 
 def corpus_and_store() -> tuple[Path, Path, dict]:
+    """The corpus and its store (made if missing), with what they hold."""
     corpus, store = WORK / "corpus", WORK / "corpus-store"
-    summary = {}
     if not corpus.exists():
-        out, _ = run([sys.executable, ROOT / "benchmarks" / "jpeg_corpus.py", corpus,
-                      "--images", "2000"])
-        summary = json.loads(out)
+        run([sys.executable, ROOT / "benchmarks" / "jpeg_corpus.py", corpus, "--images", "2000"])
+    summary = {"corpus_command": "python benchmarks/jpeg_corpus.py $WORK/corpus --images 2000"}
     if not store.exists():
-        _, seconds = run([*AMDIM, "prepare", corpus, store])
-        summary["prepare_s"] = seconds
-    return corpus, store, summary
+        _, summary["prepare_s"] = run([*AMDIM, "prepare", corpus, store])
+    from PIL import Image
+
+    files = sorted((corpus / "train").rglob("*.JPEG"))
+    sizes = np.array([Image.open(f).size for f in files])
+    stored = json.loads((store / "train" / "store.json").read_text())
+    return corpus, store, {**summary, "images": len(files),
+                           "mean_width": float(sizes[:, 0].mean()),
+                           "mean_height": float(sizes[:, 1].mean()),
+                           "mean_kb": sum(f.stat().st_size for f in files) / len(files) / 1e3,
+                           "store_short_side": stored["short_side"],
+                           "store_mean_kb": (store / "train" / "jpeg.u8").stat().st_size
+                           / len(files) / 1e3}
 
 
 def rates(core: str) -> None:
@@ -109,7 +120,7 @@ def imagenette() -> None:
     folder = imagenette_folder()
     found = {}
     for path in ("auto", "loader"):
-        found[path] = benchmark(folder, path, None)
+        found[path] = benchmark(folder, path, None, steps=40)
         found[path]["end_to_end_fraction_of_step"] = (found[path]["end_to_end_images_per_s"]
                                                       / found[path]["train_images_per_s"])
         save("imagenette", found)
