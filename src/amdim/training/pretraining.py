@@ -183,9 +183,7 @@ class Pretraining:
             torch.distributed.broadcast_object_list(path, src=0)
         self.data_path = path[0]
         here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes sharing these cores
-        # config.json records the path taken (auto resolved)
-        self.cfg = resolve_runtime(replace(cfg, data_path=self.data_path), self.device,
-                                   self.data_path, here)
+        self.cfg = resolve_runtime(cfg, self.device, self.data_path, here)
         torch.set_num_threads(self.cfg.threads)
         if self.state:
             check_same_run(self.state["config"], self.cfg, self.path)
@@ -193,6 +191,8 @@ class Pretraining:
                 multiview.check_layout(self.state.get("views"), self.layout, self.path)
             except ValueError as error:
                 raise TrainingError(str(error)) from None
+        # config.json records the path taken (auto resolved), once the settings are checked
+        self.cfg = replace(self.cfg, data_path=self.data_path)
 
     def _build_model(self) -> None:
         cfg, device = self.cfg, self.device
