@@ -275,7 +275,7 @@ def test_prepare_command_and_pretrain_on_its_store(tmp_path, capsys):
     assert report["n_train"] == 16 and report["n_test"] == 12
 
 
-def test_a_store_of_one_image_size_takes_the_device_path(tmp_path):
+def test_a_store_of_one_image_size_takes_the_device_path(tmp_path, monkeypatch):
     from amdim.data.device_images import cache_dataset, stored_size
     from amdim.training.inputs import choose_data_path
 
@@ -292,3 +292,7 @@ def test_a_store_of_one_image_size_takes_the_device_path(tmp_path):
     assert choose_data_path(cfg, mixed_store, torch.device("cpu")) == "decode"
     cache = cache_dataset(same_store)
     assert cache.images.shape == (4, 3, 40, 40) and cache.labels.tolist() == [0] * 4
+    import amdim.training.inputs as inputs  # too large to hold decoded: batch by batch
+
+    monkeypatch.setattr(inputs, "fits_in_memory", lambda *args, **kwargs: False)
+    assert choose_data_path(cfg, same_store, torch.device("cpu")) == "decode"

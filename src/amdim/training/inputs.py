@@ -58,13 +58,11 @@ def choose_data_path(cfg: PretrainConfig, train_set: Dataset, device: torch.devi
     if cfg.augment in ("randaugment", "trivialaugment"):  # torchvision's PIL policies
         return "loader"
     size = stored_size(train_set)
-    if size is not None:
-        for path, n in (("device", len(train_set)), ("sharded", len(train_set) // world_size)):
-            if (path == "device" or world_size > 1) and fits_in_memory(
-                    n, cfg.image_size, device, height=size[0], width=size[1]):
-                return path
-        return "loader"
-    if decodable(train_set):
+    for path, n in (("device", len(train_set)), ("sharded", len(train_set) // world_size)):
+        if size is not None and (path == "device" or world_size > 1) and fits_in_memory(
+                n, cfg.image_size, device, height=size[0], width=size[1]):
+            return path
+    if decodable(train_set):  # (a store of one size that does not fit, too)
         if device.type == "cuda":
             return "decode"
         side = stored_image_size(cfg.data)
