@@ -5,6 +5,7 @@ part rewrites its own section, with the commands it ran).
     python benchmarks/input_pipeline.py rates        # per core, ImageNet-sized JPEGs, 128 px
     python benchmarks/input_pipeline.py imagenette   # end to end on every core, 64 px
     python benchmarks/input_pipeline.py short-side   # the store's short side: linear probes
+    python benchmarks/input_pipeline.py enlarged     # views enlarged at each short side
 
 rates: an ImageNet-sized corpus (benchmarks/jpeg_corpus.py, 2,000 images) as a folder and as
 an `amdim prepare` store; `amdim benchmark --data-path loader|decode` pinned to one core
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -108,6 +110,28 @@ def rates(core: str) -> None:
     save("rates", found)
 
 
+def enlarged() -> None:
+    """The share of 128 px views (paper crops, 10 draws an image) whose crop is smaller than
+    the view on some side, when the corpus is stored at each short side."""
+    from amdim.views.batch_geometry import sample_crop_boxes
+    from PIL import Image
+
+    corpus, _, _ = corpus_and_store()
+    sizes = [Image.open(f).size for f in sorted((corpus / "train").rglob("*.JPEG"))]
+    generator, found = torch.Generator().manual_seed(0), {}
+    for side in (128, 160, 192, 224, 256, 288):
+        enlarged_views = 0
+        for width, height in sizes:
+            scale = side / min(width, height)
+            h, w = round(height * scale), round(width * scale)
+            _, _, crop_h, crop_w = sample_crop_boxes(10, h, w, generator)
+            enlarged_views += int(((crop_h < 128) | (crop_w < 128)).sum())
+        found[str(side)] = enlarged_views / (10 * len(sizes))
+    save("enlarged_views", {"command": "python benchmarks/input_pipeline.py enlarged",
+                            "views": "paper, 128 px, 10 crops of each of the 2,000 corpus images",
+                            "share_by_short_side": found})
+
+
 def imagenette_folder() -> Path:
     folder = WORK / "imagenette"
     for split, name in (("train", "imagenette128_train.npz"), ("val", "imagenette128_val.npz")):
@@ -162,14 +186,14 @@ def short_side() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("rates", "imagenette", "short-side"))
+    parser.add_argument("part", choices=("rates", "imagenette", "short-side", "enlarged"))
     parser.add_argument("--core", default="0", help="the core rates are measured on")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     if args.part == "rates":
         rates(args.core)
     else:
-        {"imagenette": imagenette, "short-side": short_side}[args.part]()
+        {"imagenette": imagenette, "short-side": short_side, "enlarged": enlarged}[args.part]()
 
 
 if __name__ == "__main__":
