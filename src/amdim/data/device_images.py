@@ -124,7 +124,8 @@ def _decode_into(out: np.ndarray, labels: np.ndarray, item: Callable[[int], tupl
                 raise DataError(
                     f"{where}: image {i} is {pixels.shape[1]}x{pixels.shape[0]} px but image 0 "
                     f"is {shape[1]}x{shape[0]}; the device cache needs one size for all images: "
-                    "resize them to one size first, or use the DataLoader path (--data-path loader)")
+                    "resize them to one size first, or decode them batch by batch (--data-path "
+                    "decode, or loader)")
             out[i] = pixels.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
