@@ -618,3 +618,15 @@ def test_views_of_a_canvas_on_cuda_never_wait_for_the_host(image_size):
     assert len(log.kernels) <= 160, Counter(log.kernels).most_common()
     assert len(uniform.kernels) <= 80
     assert one.shape == two.shape == (64, 3, image_size, image_size)
+
+
+@pytest.mark.parametrize("image_size, shape", [(64, (96, 120)), (128, (150, 200))])
+def test_crops_one_by_one_on_a_cpu_equal_the_batched_matmuls(image_size, shape):
+    """A CPU resizes each box alone; a GPU runs the batched matmuls: the same views."""
+    images = colour_images(6, *shape)
+    views = bv.BatchViews(image_size, MEAN, STD)
+    const = views._constants_for(images)
+    u = torch.rand((2, 6, bv.COLUMNS), generator=torch.Generator().manual_seed(0))
+    alone = views._cropped(images, u, const, one_by_one=True)
+    batched = views._cropped(images, u, const, one_by_one=False)
+    torch.testing.assert_close(alone, batched, atol=2e-3, rtol=0)  # of 255
