@@ -20,7 +20,9 @@ tests/views/test_batch_views.py counts them), none of which waits for the host:
   pixel), what the CPU path applies (PIL) and torchvision's tensor resize with antialias=True.
   They depend on the box's length alone, shifted by its start, so each box's are read from a
   table made once (one gather per axis). grid_sample's bicubic uses a = -0.75 and aliases
-  when downscaling; per-box interpolate costs one launch per image;
+  when downscaling; per-box interpolate costs one launch per image. On a CPU, where a launch
+  costs nothing and the dense matrices cost the whole image's area, each box is resized alone
+  by that interpolate (the same weights; tested equal);
 - the colour jitter is 7 batched colour-matrix and hue steps for every order of its four ops
   (batch_colour);
 - grayscale and normalisation are one more colour matrix.
