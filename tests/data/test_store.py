@@ -296,3 +296,7 @@ def test_a_store_of_one_image_size_takes_the_device_path(tmp_path, monkeypatch):
 
     monkeypatch.setattr(inputs, "fits_in_memory", lambda *args, **kwargs: False)
     assert choose_data_path(cfg, same_store, torch.device("cpu")) == "decode"
+    save(tmp_path / "large" / "a" / "0.jpg", (100, 150))  # shorter sides > twice 32 px
+    save(tmp_path / "large" / "a" / "1.jpg", (100, 120))
+    [large] = prepare(tmp_path / "large", tmp_path / "large-store", workers=1)
+    assert choose_data_path(cfg, ImageStore(large), torch.device("cpu")) == "loader"

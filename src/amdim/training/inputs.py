@@ -9,6 +9,7 @@ views (data.jpeg_batches); "loader": DataLoader workers run the PIL views
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -50,8 +51,9 @@ def choose_data_path(cfg: PretrainConfig, train_set: Dataset, device: torch.devi
       memory (a quarter of the available RAM on a CPU);
     - sharded: under distributed training, where only 1/world_size of it fits;
     - decode: an image folder or store, views paper or imagenet-faa; on a CPU only where its
-      images are at most twice the view size (its first image's longer side): the batched
-      views cost the whole image's area, and the step there has every core;
+      images are at most twice the view size (a store's shorter sides, a folder's first image's
+      longer side): there it keeps every core for the step, and decoding larger images in
+      this process would cost the step more than a loader worker does;
     - else loader."""
     if cfg.data_path != "auto":
         return cfg.data_path
@@ -65,7 +67,9 @@ def choose_data_path(cfg: PretrainConfig, train_set: Dataset, device: torch.devi
     if decodable(train_set):  # (a store of one size that does not fit, too)
         if device.type == "cuda":
             return "decode"
-        side = stored_image_size(cfg.data)
+        sizes = getattr(train_set, "sizes", None)  # a store's: its median shorter side
+        side = (float(np.median(sizes.min(-1))) if sizes is not None
+                else stored_image_size(cfg.data))  # a folder's: its first image's longer
         return "decode" if side is not None and side <= 2 * cfg.image_size else "loader"
     return "loader"
 
