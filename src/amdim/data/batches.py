@@ -93,7 +93,21 @@ class LoaderBatches:
                                generator=torch.Generator().manual_seed(cfg.seed)))
 
 
-class TrainBatches:
+class ResumableBatches:
+    """Batches served from (epoch, batch) on, len(self) of them an epoch (TrainBatches,
+    jpeg_batches.DecodedBatches): set_epoch picks where the next iteration starts."""
+
+    epoch: int
+    batch: int
+
+    def set_epoch(self, epoch: int, batch: int = 0) -> None:
+        """Serve epoch `epoch` next, starting after its first `batch` batches."""
+        if epoch < 0 or not 0 <= batch <= len(self):
+            raise ValueError(f"need epoch >= 0 and 0 <= batch <= {len(self)}, got {epoch}, {batch}")
+        self.epoch, self.batch = (epoch + 1, 0) if batch == len(self) else (epoch, batch)
+
+
+class TrainBatches(ResumableBatches):
     """Shuffled full batches ((view1, view2), labels) of an ImageCache, views built on its
     device; which images and which random draws follow batch_order. Under distributed
     training every rank holds the whole cache and takes its slice of each global batch of
@@ -118,12 +132,6 @@ class TrainBatches:
 
     def __len__(self) -> int:
         return len(self.cache) // (self.local_batch if self.sharded else self.batch_size)
-
-    def set_epoch(self, epoch: int, batch: int = 0) -> None:
-        """Serve epoch `epoch` next, starting after its first `batch` batches."""
-        if epoch < 0 or not 0 <= batch <= len(self):
-            raise ValueError(f"need epoch >= 0 and 0 <= batch <= {len(self)}, got {epoch}, {batch}")
-        self.epoch, self.batch = (epoch + 1, 0) if batch == len(self) else (epoch, batch)
 
     def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
         epoch, start, images = self.epoch, self.batch, self.cache.images

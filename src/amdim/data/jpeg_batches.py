@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .batch_order import derive_seed
-from .batches import EpochBatches, SeededBatches, leave_stops_to_the_main_process
+from .batches import (EpochBatches, ResumableBatches, SeededBatches,
+                      leave_stops_to_the_main_process)
 from .image_files import DataError, to_rgb
 
 JPEG_START = b"\xff\xd8"
@@ -122,32 +123,24 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor:
                             "Run amdim prepare again, or replace the file") from None
 
 
-class DecodedBatches:
+class DecodedBatches(ResumableBatches):
     """((view1, view2), labels) batches of an image folder or store, decoded on `device` from
     the bytes `workers` loader processes read (0: in this process); views built there by
-    `views(images, generator, sizes=...)`. Same interface as batches.TrainBatches. canvas:
-    (height, width) of every batch's canvas (a store's largest sizes), else each batch's own."""
+    `views(images, generator, sizes=...)`. Same interface as batches.TrainBatches."""
 
     def __init__(self, dataset: Dataset, views: Callable, batch_size: int, device: torch.device,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0,
-                 canvas: tuple[int, int] | None = None):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0):
         if len(dataset) < batch_size:
             raise DataError(f"the dataset has {len(dataset)} images, fewer than one batch of "
                             f"{batch_size}: lower the batch size")
         self.raw, self.views, self.batch_size, self.device = RawImages(dataset), views, \
             batch_size, device
         self.seed, self.rank, self.world_size, self.workers = seed, rank, world_size, workers
-        self.canvas, self.epoch, self.batch = canvas, 0, 0
+        self.epoch, self.batch = 0, 0
         self.generator = torch.Generator(device=device)
 
     def __len__(self) -> int:
         return len(self.raw) // self.batch_size
-
-    def set_epoch(self, epoch: int, batch: int = 0) -> None:
-        """Serve epoch `epoch` next, starting after its first `batch` batches."""
-        if epoch < 0 or not 0 <= batch <= len(self):
-            raise ValueError(f"need epoch >= 0 and 0 <= batch <= {len(self)}, got {epoch}, {batch}")
-        self.epoch, self.batch = (epoch + 1, 0) if batch == len(self) else (epoch, batch)
 
     def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
         epoch, start = self.epoch, self.batch
@@ -159,7 +152,7 @@ class DecodedBatches:
                             prefetch_factor=4 if self.workers else None,
                             generator=torch.Generator().manual_seed(self.seed))
         for k, (items, labels) in enumerate(loader, start):
-            images, sizes = decode_batch(items, self.device, self.canvas)
+            images, sizes = decode_batch(items, self.device)
             self.generator.manual_seed(derive_seed(self.seed, epoch, k, self.rank))
             views = self.views(images, self.generator, sizes=sizes)
             self.set_epoch(epoch, k + 1)  # so that iterating again goes on after this batch
