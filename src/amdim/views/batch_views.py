@@ -193,11 +193,13 @@ class BatchViews:
             return _cropped_one_by_one(images, sizes, starts, size)
         # each box's (S, L) weights, gathered from the table by (length, window): for the
         # rows one copy per channel, as the batched matmul wants them
+        # the batched matmuls' weight table, made at their first batch (a CPU never needs it)
+        table = self._windows_for(max(height, width), images.device)
         lengths, windows = sizes.long(), (max(height, width) - starts).long()
-        cols = const["windows"][lengths[..., 1], windows[..., 1]]  # (copies, B, S, L)
+        cols = table[lengths[..., 1], windows[..., 1]]  # (copies, B, S, L)
         cols = cols[..., :width].reshape(n, size, width)
-        rows = const["windows"][lengths[..., 0, None].expand(-1, -1, 3),
-                                windows[..., 0, None].expand(-1, -1, 3)]  # (copies, B, 3, S, L)
+        rows = table[lengths[..., 0, None].expand(-1, -1, 3),
+                     windows[..., 0, None].expand(-1, -1, 3)]  # (copies, B, 3, S, L)
         rows = rows[..., :height].reshape(3 * n, size, height)
         pixels = images.expand(copies, -1, -1, -1, -1).float()  # (copies, B, 3, H, W)
         # (N, 3H, W) @ (N, W, S) -> (N * 3, H, S); (N * 3, S, H) @ (N * 3, H, S) -> (N * 3, S, S)
@@ -248,8 +250,6 @@ class BatchViews:
             if self.image_size == 32 and (height, width) != (32, 32):
                 const["fit_rows"], const["fit_cols"] = centre_crop_weights(
                     height, width, 32, 32, images.device)
-            elif self.image_size != 32:
-                const["windows"] = self._windows_for(max(height, width), images.device)
             if len(self._constants) >= KEEP_SHAPES:  # canvases of the decode path: the oldest
                 del self._constants[next(iter(self._constants))]
             self._constants[key] = const
